@@ -1,0 +1,213 @@
+"""The commands: daemon, panic, status, check, slabinfo-diff, memlock-config.
+
+Exit codes: 0 ok, 1 a check or request failed, 2 bad configuration or arguments,
+3 refused to arm, 4 no daemon running, 13 permission denied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from killcord import __version__
+
+EXIT_FAILED, EXIT_CONFIG, EXIT_ARM, EXIT_NO_DAEMON, EXIT_DENIED = 1, 2, 3, 4, 13
+
+
+def _err(msg: str, code: int) -> int:
+    print(f"killcord: {msg}", file=sys.stderr)
+    return code
+
+
+def _config(args: argparse.Namespace):  # -> Config
+    from killcord.config import load
+
+    return load(args.config)
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    # Everything the firing path needs is imported here, at start, never at fire time.
+    from killcord import daemon, log
+
+    config = _config(args)
+    log.setup(kmsg=config.live)
+    try:
+        return daemon.run(config)
+    except daemon.ArmError as exc:
+        log.notify(STATUS=f"refused to arm: {exc}")
+        return _err(f"refusing to arm: {exc}", EXIT_ARM)
+
+
+def cmd_panic(args: argparse.Namespace) -> int:
+    from killcord import control
+
+    config = _config(args)
+    try:
+        reply = control.request(config.socket, "panic")
+    except control.DaemonUnavailable as exc:
+        return _panic_alone(config, str(exc))
+    if not reply.get("ok"):
+        return _err(str(reply.get("error")), EXIT_DENIED)
+    print(f"killcord: {reply.get('state')} ({reply.get('mode')})" + (f": {reply['note']}" if reply.get("note") else ""))
+    return 0
+
+
+def _panic_alone(config, why: str) -> int:  # noqa: ANN001
+    """No daemon answers: run the sequence here, never silently do nothing."""
+    if os.geteuid() != 0:
+        return _err(f"permission denied: {why}, and only root can fire without the daemon", EXIT_DENIED)
+    from killcord import kexec, log
+    from killcord.events import Panic
+    from killcord.fire import Firer
+    from killcord.machine import Machine
+
+    log.setup(kmsg=config.live)
+    print(f"killcord: {why}; firing here ({config.mode})", file=sys.stderr)
+    machine = Machine(config.deadlines)
+    loaded = kexec.is_loaded() or not config.live
+    staged = kexec.Staged(None, None, "", "earlier" if loaded else "none", kexec.is_loaded(),
+                          error=None if kexec.is_loaded() else "no daemon staged an image")
+    finished = Firer(machine, staged, config.state_dir, config.live).drive(machine.feed(Panic(0, os.getpid())))
+    return 0 if finished and finished.ok else EXIT_FAILED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from killcord import control
+
+    config = _config(args)
+    try:
+        status = control.request(config.socket, "status")
+    except control.DaemonUnavailable as exc:
+        if args.json:
+            print(json.dumps({"state": "stopped", "error": str(exc)}))
+        return _err(str(exc), EXIT_NO_DAEMON)
+    if args.json:
+        print(json.dumps(status, indent=2, default=str))
+        return 0
+    print(_render_status(status))
+    return 0
+
+
+def _render_status(s: dict) -> str:
+    med = s.get("medium") or {}
+    kx = s.get("kexec") or {}
+    res = s.get("resident") or {}
+    lines = [
+        f"state:    {s['state']} ({s['mode']}), pid {s['pid']}, version {s.get('version')}",
+        f"medium:   {med.get('device')} via {med.get('source')}" if med else "medium:   none",
+    ]
+    lines += [f"          {d}" for d in med.get("devpaths", [])]
+    lines.append(f"kexec:    {'staged' if kx.get('loaded') else 'NOT staged'} ({kx.get('method')})"
+                 + (f": {kx.get('error')}" if kx.get("error") else ""))
+    if kx.get("cmdline"):
+        lines.append(f"          cmdline: {kx['cmdline']}")
+    lines.append(f"resident: mlockall={res.get('mlockall')}, {res.get('locked_kib')} KiB locked, "
+                 f"{res.get('resident_pages')}/{res.get('pages')} pages of {res.get('files')} files")
+    if s.get("trigger"):
+        lines.append(f"trigger:  {s['trigger']}")
+    for st in s.get("stages", []):
+        lines.append(f"stage:    {st['name']:<9} {st['outcome']:<10} {st['duration_ms']:9.3f} ms  "
+                     + _stage_note(st["outcome"], st.get("detail") or {}))
+    for ev in s.get("events", [])[-5:]:
+        when = time.strftime("%H:%M:%S", time.localtime(ev.get("at", 0)))
+        rest = " ".join(f"{k}={v}" for k, v in ev.items() if k not in ("at", "event"))
+        lines.append(f"event:    {when} {ev.get('event')} {rest}")
+    return "\n".join(lines)
+
+
+def _stage_note(outcome: str, detail: dict) -> str:
+    if "targets" in detail and outcome == "dry":
+        return f"would kill {detail['targets']} processes"
+    if "targets" in detail:
+        return f"targets={detail['targets']} killed={detail['killed']} left={len(detail.get('remaining', []))}"
+    for key in ("error", "reason", "would", "record"):
+        if detail.get(key):
+            return f"{key}: {detail[key]}"
+    return ""
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from killcord import check
+
+    items = check.run(_config(args))
+    if args.json:
+        print(json.dumps({"ok": check.exit_code(items) == 0, "items": [i.as_dict() for i in items]}, indent=2))
+    else:
+        print(check.render(items))
+    return check.exit_code(items)
+
+
+def cmd_slabinfo_diff(args: argparse.Namespace) -> int:
+    from killcord import audit
+
+    snapshots = []
+    for path in (args.before, args.after):
+        try:
+            snapshots.append(audit.parse(Path(path).read_text()))
+        except OSError as exc:
+            return _err(f"{path}: {exc.strerror}", EXIT_FAILED)
+        except ValueError as exc:
+            return _err(f"{path}: not a slabinfo snapshot: {exc}", EXIT_FAILED)
+    deltas = audit.diff(*snapshots)
+    if args.json:
+        print(json.dumps([vars(d) for d in deltas[: args.limit]], indent=2))
+    else:
+        print(audit.format_diff(deltas, args.limit))
+    return 0
+
+
+def cmd_memlock_config(args: argparse.Namespace) -> int:
+    # import what the daemon imports, so the mapped libraries are the daemon's
+    from killcord import daemon, resident  # noqa: F401
+
+    print(resident.memlockd_config(), end="")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="killcord", description=(
+        "Emergency shutdown for live systems: when the boot medium is pulled (or on `panic`), "
+        "kill every process, record /proc/slabinfo, and kexec into a kernel that wipes RAM."))
+    p.add_argument("--version", action="version", version=f"killcord {__version__}")
+    p.add_argument("--config", type=Path, default=None,
+                   help="config file (default: $KILLCORD_CONFIG or /etc/killcord/killcord.toml)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("daemon", help="arm and wait for the medium to go (run by systemd)",
+                   description="Find the medium, stage kexec, lock into RAM, then block on kernel uevents.")
+    sub.add_parser("panic", help="fire now (root or panic_group)",
+                   description="Ask the daemon to fire; without a daemon, root fires here.")
+    for name, text in (("status", "the daemon's state, medium, kexec, residency, events and stages"),
+                       ("check", "preflight: is everything in place to protect this system?")):
+        sp = sub.add_parser(name, help=text, description=text)
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp = sub.add_parser("slabinfo-diff", help="what changed between two /proc/slabinfo snapshots",
+                        description="Largest changes in allocated kernel memory first.")
+    sp.add_argument("before")
+    sp.add_argument("after")
+    sp.add_argument("--limit", type=int, default=20, help="rows to show (default 20)")
+    sp.add_argument("--json", action="store_true")
+    sub.add_parser("memlock-config", help="print a memlockd config for this system",
+                   description="The interpreter, its libraries, killcord's files and the binaries the fallback needs.")
+    return p
+
+
+COMMANDS = {"daemon": cmd_daemon, "panic": cmd_panic, "status": cmd_status, "check": cmd_check,
+            "slabinfo-diff": cmd_slabinfo_diff, "memlock-config": cmd_memlock_config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from killcord.config import ConfigError
+
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        return _err(str(exc), EXIT_CONFIG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

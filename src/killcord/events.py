@@ -1,0 +1,114 @@
+"""The vocabulary shared by the pure state machine and the edges: events in, actions out.
+
+Plain frozen dataclasses, no behaviour, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class State(StrEnum):
+    ARMING = "arming"
+    ARMED = "armed"
+    FIRING = "firing"
+    FIRED = "fired"
+
+
+class Stage(StrEnum):
+    """The firing path, in order. Nothing else decides the order (see machine.py)."""
+
+    KILL = "kill"
+    AUDIT = "audit"
+    KEXEC = "kexec"
+    POWEROFF = "poweroff"
+    SYSRQ = "sysrq"
+
+
+STAGES: tuple[Stage, ...] = tuple(Stage)
+
+# Stages whose success means the machine is gone: nothing runs after them.
+TERMINAL_STAGES: frozenset[Stage] = frozenset({Stage.KEXEC, Stage.POWEROFF, Stage.SYSRQ})
+
+
+class Outcome(StrEnum):
+    DONE = "done"  # acted for real
+    DRY = "dry"  # dry-run: would have acted, said what it would do
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"  # ran past its deadline (still running or returned late)
+    SKIPPED = "skipped"  # nothing to do (e.g. no kexec image staged)
+
+
+SUCCESS: frozenset[Outcome] = frozenset({Outcome.DONE, Outcome.DRY})
+
+
+# ---- events (edges -> machine) ----
+
+
+@dataclass(frozen=True)
+class Armed:
+    """Arming finished: these sysfs devpaths (the medium, its ancestors, the cord) are watched."""
+
+    watched: frozenset[str]
+    # devpaths of optical drives among them: for these a `change` with no media fires
+    optical: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Uevent:
+    """A raw kernel uevent, as the watcher saw it."""
+
+    action: str
+    devpath: str
+    subsystem: str = ""
+    devtype: str = ""
+    # for `change` on an optical drive: whether a disc is still in it (read from sysfs by the edge)
+    media_present: bool | None = None
+
+
+@dataclass(frozen=True)
+class MediumCheck:
+    """A presence check from sysfs: at start, after ENOBUFS, after resume."""
+
+    present: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Panic:
+    """An authorised panic request (credentials already checked by the edge)."""
+
+    uid: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class StageEnded:
+    stage: Stage
+    outcome: Outcome
+    duration_ms: float
+    detail: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
+
+
+Event = Armed | Uevent | MediumCheck | Panic | StageEnded
+
+
+# ---- actions (machine -> edges) ----
+
+
+@dataclass(frozen=True)
+class RunStage:
+    stage: Stage
+    deadline_ms: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The sequence is over. ok: a terminal stage succeeded (or would have, in dry-run)."""
+
+    ok: bool
+    last_stage: Stage
+
+
+Action = RunStage | Finished

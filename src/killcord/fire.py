@@ -1,0 +1,149 @@
+"""The firing path's edges: each stage acts (live) or says what it would do (dry-run),
+under a deadline. A stage never raises past this module: it ends as an outcome, and the
+machine decides what runs next.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+from killcord import audit, kexec, kill
+from killcord.events import Action, Finished, Outcome, RunStage, Stage, StageEnded
+from killcord.machine import Machine
+
+StageFn = Callable[[float], tuple[Outcome, dict[str, object]]]
+
+# systemd: SIGRTMIN+14 = immediate poweroff through systemd-shutdown, which returns into
+# /run/initramfs (our shutdown hook). A signal needs no exec and no D-Bus.
+SYSTEMD_POWEROFF = signal.SIGRTMIN + 14
+SYSRQ_TRIGGER = "/proc/sysrq-trigger"
+PRINTK = "/proc/sys/kernel/printk"
+GRACE_S = 0.05  # a stage that returns this late after its deadline still counts as returned
+# Under mlockall(MCL_FUTURE) a thread's whole stack is faulted in and locked when it starts:
+# 8 MiB by default, milliseconds of zeroing per stage. The stages need little stack.
+STAGE_STACK = 512 * 1024
+threading.stack_size(STAGE_STACK)
+
+log = structlog.get_logger("killcord.fire")
+
+
+class Firer:
+    def __init__(self, machine: Machine, staged: kexec.Staged, state_dir: Path, live: bool) -> None:
+        self.machine = machine
+        self.staged = staged
+        self.state_dir = state_dir
+        self.live = live
+        # Opened now: at fire time nothing is looked up that could fail.
+        self._sysrq_fd = _open_or_none(SYSRQ_TRIGGER) if live else None
+        self._printk_fd = _open_or_none(PRINTK) if live else None
+        self._stages: dict[Stage, StageFn] = {
+            Stage.KILL: self.kill,
+            Stage.AUDIT: self.audit,
+            Stage.KEXEC: self.kexec,
+            Stage.POWEROFF: self.poweroff,
+            Stage.SYSRQ: self.sysrq,
+        }
+
+    # ---- running under a deadline ----
+
+    def run(self, action: RunStage) -> StageEnded:
+        fn = self._stages[action.stage]
+        box: list[tuple[Outcome, dict[str, object]]] = []
+        start = time.monotonic()
+        deadline = start + action.deadline_ms / 1000
+
+        def target() -> None:
+            try:
+                box.append(fn(deadline))
+            except Exception as exc:  # a stage must never stop the sequence
+                box.append((Outcome.FAILED, {"error": f"{type(exc).__name__}: {exc}"}))
+
+        worker = threading.Thread(target=target, name=f"stage-{action.stage}", daemon=True)
+        worker.start()
+        worker.join(max(0.0, deadline - time.monotonic()) + GRACE_S)
+        duration_ms = (time.monotonic() - start) * 1000
+        outcome, detail = box[0] if box else (Outcome.TIMED_OUT, {"error": "still running at its deadline"})
+        return StageEnded(action.stage, outcome, round(duration_ms, 3), detail)
+
+    def drive(self, actions: list[Action]) -> Finished | None:
+        """Run what the machine asks, feed back each outcome, until it says Finished."""
+        while actions:
+            action = actions.pop(0)
+            if isinstance(action, Finished):
+                log.critical("finished", ok=action.ok, last_stage=action.last_stage.value)
+                return action
+            ended = self.run(action)
+            log.critical("stage", stage=ended.stage.value, outcome=ended.outcome.value,
+                         duration_ms=ended.duration_ms, detail=ended.detail)
+            actions.extend(self.machine.feed(ended))
+        return None
+
+    # ---- the stages ----
+
+    def kill(self, deadline: float) -> tuple[Outcome, dict[str, object]]:
+        report = kill.kill_all(deadline, self.live)
+        return report.outcome, report.as_dict()
+
+    def audit(self, deadline: float) -> tuple[Outcome, dict[str, object]]:
+        meta: dict[str, object] = {
+            "trigger": self.machine.trigger,
+            "mode": "live" if self.live else "dry-run",
+            "stages": [{"name": r.stage.value, "outcome": r.outcome.value, "duration_ms": r.duration_ms}
+                       for r in self.machine.results],
+        }
+        try:
+            snapshot = audit.read_snapshot()
+        except OSError as exc:
+            # absent (no CONFIG_SLUB_DEBUG) or unreadable: the event record is still kept
+            meta["slabinfo_error"] = f"{exc.strerror or exc}"
+            path = audit.record(self.state_dir, b"", meta)
+            return Outcome.FAILED, {"error": meta["slabinfo_error"], "record": str(path)}
+        path = audit.record(self.state_dir, snapshot, meta)
+        return Outcome.DONE, {"record": str(path), "slabinfo_bytes": len(snapshot)}
+
+    def kexec(self, deadline: float) -> tuple[Outcome, dict[str, object]]:
+        if self.live and self._printk_fd is not None:
+            # under `quiet`, let "kexec_core: Starting new kernel" reach the console
+            _write(self._printk_fd, b"7")
+        return kexec.execute(self.staged, self.live)
+
+    def poweroff(self, deadline: float) -> tuple[Outcome, dict[str, object]]:
+        if not self.live:
+            return Outcome.DRY, {"would": "kill(1, SIGRTMIN+14): systemd-shutdown into /run/initramfs"}
+        os.kill(1, SYSTEMD_POWEROFF)
+        return _wait_until(deadline, "poweroff requested from PID 1")
+
+    def sysrq(self, deadline: float) -> tuple[Outcome, dict[str, object]]:
+        if not self.live:
+            return Outcome.DRY, {"would": f"write 'o' to {SYSRQ_TRIGGER}"}
+        if self._sysrq_fd is None:
+            return Outcome.FAILED, {"error": f"{SYSRQ_TRIGGER} could not be opened at arm time"}
+        os.write(self._sysrq_fd, b"o")
+        return _wait_until(deadline, "sysrq o written")
+
+
+def _wait_until(deadline: float, what: str) -> tuple[Outcome, dict[str, object]]:
+    # Still here at the deadline: the machine did not go down; the next stage runs.
+    time.sleep(max(0.0, deadline - time.monotonic()))
+    return Outcome.TIMED_OUT, {"error": f"{what}, still running at the deadline"}
+
+
+def _open_or_none(path: str) -> int | None:
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _write(fd: int, data: bytes) -> None:
+    try:
+        os.write(fd, data)
+    except OSError:
+        pass

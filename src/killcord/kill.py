@@ -1,0 +1,217 @@
+"""The KILL stage: kill every process but PID 1, kernel threads and ourselves, fast.
+
+Order (why): SIGSTOP everyone first so nothing can fork or react while we work (the kernel
+also delivers a kill(-1) signal to children forked concurrently), snapshot the frozen set
+for the report, SIGKILL everyone, then rescan /proc and SIGKILL stragglers one by one until
+nothing is left or the deadline passes.
+
+Everything this module needs is imported here: the firing path must never import.
+/proc is read by hand rather than through psutil: psutil does not expose the PF_KTHREAD flag
+(the only reliable kernel-thread test) and its per-process objects are too slow for this
+hot path.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from killcord.events import Outcome
+
+PF_KTHREAD = 0x00200000  # include/linux/sched.h: "I am a kernel thread"
+KTHREADD_PID = 2
+_PROC = "/proc"
+# A stat line is short (comm is at most 64 bytes); we only need the fields up to num_threads.
+_STAT_READ = 4096
+# Pause between straggler sweeps: long enough to let SIGKILLed tasks finish exiting,
+# short enough to keep the loop tight.
+_SWEEP_PAUSE_S = 0.0002
+_DEAD_STATES = frozenset(b"ZXx")  # zombie / dead (x: pre-4.14 spelling)
+
+
+class StatFields(NamedTuple):
+    """The few /proc/PID/stat fields we act on."""
+
+    pid: int
+    comm: bytes
+    state: str
+    ppid: int
+    flags: int
+    num_threads: int
+
+
+def parse_stat(line: bytes | str) -> StatFields:
+    """Parse one /proc/PID/stat line.
+
+    comm (field 2) is free text chosen by the process: it may hold spaces, '(' and ')', so
+    split at the LAST ')' - every field after it is a number or a state letter.
+    Raises ValueError on a malformed line.
+    """
+    data = line.encode("utf-8", "surrogateescape") if isinstance(line, str) else line
+    head, sep, tail = data.rpartition(b")")
+    pid_text, open_paren, comm = head.partition(b" (")
+    if not sep or not open_paren:
+        raise ValueError(f"malformed stat line: {data[:80]!r}")
+    # fields after comm: [0]=state(3) [1]=ppid(4) ... [6]=flags(9) ... [17]=num_threads(20)
+    fields = tail.split()
+    if len(fields) < 18:
+        raise ValueError(f"truncated stat line: {data[:80]!r}")
+    return StatFields(
+        pid=int(pid_text),
+        comm=comm,
+        state=chr(fields[0][0]),
+        ppid=int(fields[1]),
+        flags=int(fields[6]),
+        num_threads=int(fields[17]),
+    )
+
+
+def _read_stat(pid: int) -> StatFields | None:
+    """Read and parse /proc/PID/stat; None if the process vanished (normal mid-scan)."""
+    try:
+        fd = os.open(f"{_PROC}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:  # ENOENT: exited and reaped since the listing
+        return None
+    try:
+        data = os.read(fd, _STAT_READ)
+    except OSError:  # ESRCH: exited between open and read
+        return None
+    finally:
+        os.close(fd)
+    try:
+        return parse_stat(data)
+    except ValueError:
+        return None
+
+
+def _is_dead(st: StatFields) -> bool:
+    # A zombie leader whose other threads still run also shows Z (the main thread called
+    # pthread_exit): it is alive and must be killed, so only a lone zombie counts as dead.
+    return ord(st.state) in _DEAD_STATES and st.num_threads <= 1
+
+
+def _scan(own_pid: int) -> list[int]:
+    """Live target PIDs, in /proc order. Raises OSError only if /proc itself is unreadable."""
+    # ppid == 2 marks a kernel thread only when pid 2 really is kthreadd: inside a PID
+    # namespace pid 2 is an ordinary process whose children must die.
+    kthreadd = _read_stat(KTHREADD_PID)
+    kthreadd_is_kernel = kthreadd is not None and bool(kthreadd.flags & PF_KTHREAD)
+    found: list[int] = []
+    with os.scandir(_PROC) as it:
+        for entry in it:
+            name = entry.name
+            if not name.isdigit():
+                continue
+            pid = int(name)
+            if pid == 1 or pid == own_pid:
+                continue
+            st = _read_stat(pid)
+            if st is None or st.flags & PF_KTHREAD or _is_dead(st):
+                continue
+            if kthreadd_is_kernel and (pid == KTHREADD_PID or st.ppid == KTHREADD_PID):
+                continue
+            found.append(pid)
+    return found
+
+
+def targets(own_pid: int | None = None) -> list[int]:
+    """PIDs that a kill would hit: every process but PID 1, kernel threads (PF_KTHREAD flag
+    0x00200000 in /proc/PID/stat field 9, or children of kthreadd pid 2), our own thread
+    group, and zombies (state Z/X)."""
+    return _scan(os.getpid() if own_pid is None else own_pid)
+
+
+@dataclass(frozen=True)
+class KillReport:
+    outcome: Outcome  # DONE (live, nothing left), DRY, TIMED_OUT (some left), FAILED
+    targets: int  # processes found to kill at the start
+    killed: int  # of those, gone (or zombie) at the end (live); 0 in dry-run
+    remaining: tuple[int, ...]  # pids still alive at the end (dry-run: all targets)
+    rounds: int  # SIGKILL sweeps made (the kill(-1) counts as the first)
+    duration_ms: float
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "outcome": str(self.outcome),
+            "targets": self.targets,
+            "killed": self.killed,
+            "remaining": list(self.remaining),
+            "rounds": self.rounds,
+            "duration_ms": round(self.duration_ms, 3),
+        }
+
+
+def _broadcast(send: Callable[[int, int], None], sig: int) -> None:
+    """kill(-1, sig); errors are left for the per-pid sweeps to detect."""
+    try:
+        send(-1, sig)
+    except ProcessLookupError:  # ESRCH: nothing but PID 1 and us to signal - fine
+        pass
+    except OSError:  # EPERM: we may signal none of them; the sweeps then say FAILED
+        pass
+
+
+def _run(
+    deadline: float,
+    live: bool,
+    send: Callable[[int, int], None],
+    scan: Callable[[], Iterable[int]],
+    clock: Callable[[], float] = time.monotonic,
+) -> KillReport:
+    """kill_all with its effects injected (tests drive it with fakes; never a real -1)."""
+    start = clock()
+
+    def report(outcome: Outcome, first: set[int], left: list[int], rounds: int) -> KillReport:
+        killed = 0 if not live else len(first.difference(left))
+        ms = (clock() - start) * 1000
+        return KillReport(outcome, len(first), killed, tuple(left), rounds, ms)
+
+    if not live:
+        try:
+            found = list(scan())
+        except OSError:
+            return report(Outcome.FAILED, set(), [], 0)
+        return report(Outcome.DRY, set(found), found, 0)
+
+    _broadcast(send, signal.SIGSTOP)
+    # Everyone is stopped now, so this snapshot is stable; it only feeds the report, and a
+    # failure here must not delay the SIGKILL.
+    try:
+        first = set(scan())
+    except OSError:
+        first = set()
+    # If this is refused (EPERM), the per-pid sweeps below are refused too and say FAILED.
+    _broadcast(send, signal.SIGKILL)
+    rounds = 1
+    left: list[int] = []
+    while True:
+        try:
+            left = list(scan())
+        except OSError:  # /proc unreadable: we cannot see what is left
+            return report(Outcome.FAILED, first, left, rounds)
+        if not left:
+            return report(Outcome.DONE, first, left, rounds)
+        if clock() >= deadline:
+            return report(Outcome.TIMED_OUT, first, left, rounds)
+        denied = 0
+        for pid in left:
+            try:
+                send(pid, signal.SIGKILL)
+            except ProcessLookupError:  # died (and was reaped) since the scan
+                pass
+            except PermissionError:
+                denied += 1
+        rounds += 1
+        if denied == len(left):  # retrying cannot help: every straggler refuses us
+            return report(Outcome.FAILED, first, left, rounds)
+        time.sleep(_SWEEP_PAUSE_S)
+
+
+def kill_all(deadline: float, live: bool) -> KillReport:
+    """deadline is a time.monotonic() value."""
+    own = os.getpid()
+    return _run(deadline, live, os.kill, lambda: _scan(own))

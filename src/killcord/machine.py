@@ -1,0 +1,107 @@
+"""The pure state machine: events in, actions out. No I/O, no clock, no os.
+
+ARMING -> ARMED -> FIRING -> FIRED. The firing path is the fixed stage order in
+events.STAGES; a stage that fails or runs late hands over to the next one, a
+terminal stage that succeeds ends the sequence, a second trigger never restarts it.
+This is the one place that knows what follows what.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from killcord.events import (
+    STAGES,
+    SUCCESS,
+    TERMINAL_STAGES,
+    Action,
+    Armed,
+    Event,
+    Finished,
+    MediumCheck,
+    Panic,
+    RunStage,
+    Stage,
+    StageEnded,
+    State,
+    Uevent,
+)
+
+
+def uevent_fires(event: Uevent, watched: frozenset[str], optical: frozenset[str]) -> bool:
+    """Does this kernel uevent mean the medium (or the cord) is gone?
+
+    `remove` of any watched devpath (the disk, a partition of it, or any ancestor up to
+    the USB device) fires. `change` fires only for an optical drive whose disc is gone:
+    a disk's own partition re-read also sends `change` and must never fire.
+    """
+    if event.devpath not in watched:
+        return False
+    if event.action == "remove":
+        return True
+    return event.action == "change" and event.devpath in optical and event.media_present is False
+
+
+class Machine:
+    def __init__(self, deadlines_ms: Mapping[Stage, int]) -> None:
+        missing = [s for s in STAGES if s not in deadlines_ms]
+        if missing:
+            raise ValueError(f"no deadline for stage(s): {', '.join(missing)}")
+        self.deadlines_ms = dict(deadlines_ms)
+        self.state = State.ARMING
+        self.watched: frozenset[str] = frozenset()
+        self.optical: frozenset[str] = frozenset()
+        self.trigger: str | None = None  # what fired us, for status and the audit record
+        self.results: list[StageEnded] = []
+        self.ignored_triggers = 0  # triggers that came while firing or fired
+        self._current: Stage | None = None
+
+    def feed(self, event: Event) -> list[Action]:
+        if isinstance(event, StageEnded):
+            return self._stage_ended(event)
+        if isinstance(event, Armed):
+            if self.state is State.ARMING:
+                self.watched, self.optical = event.watched, event.optical
+                self.state = State.ARMED
+            return []
+        reason = self._trigger_reason(event)
+        if reason is None:
+            return []
+        if self.state in (State.FIRING, State.FIRED):
+            self.ignored_triggers += 1
+            return []
+        return self._fire(reason)
+
+    def _trigger_reason(self, event: Event) -> str | None:
+        if isinstance(event, Panic):
+            # panic works even while arming: the user asked for it
+            return f"panic uid={event.uid} pid={event.pid}"
+        if isinstance(event, MediumCheck):
+            return None if event.present else f"medium absent ({event.reason})"
+        if isinstance(event, Uevent) and self.state is not State.ARMING:
+            if uevent_fires(event, self.watched, self.optical):
+                return f"uevent {event.action} {event.devpath}"
+        return None
+
+    def _fire(self, reason: str) -> list[Action]:
+        self.state = State.FIRING
+        self.trigger = reason
+        return [self._run(STAGES[0])]
+
+    def _run(self, stage: Stage) -> RunStage:
+        self._current = stage
+        return RunStage(stage, self.deadlines_ms[stage])
+
+    def _stage_ended(self, event: StageEnded) -> list[Action]:
+        if self.state is not State.FIRING or event.stage is not self._current:
+            return []  # stale or foreign: a stage never runs twice, never out of order
+        self.results.append(event)
+        self._current = None
+        if event.stage in TERMINAL_STAGES and event.outcome in SUCCESS:
+            self.state = State.FIRED
+            return [Finished(ok=True, last_stage=event.stage)]
+        index = STAGES.index(event.stage)
+        if index + 1 < len(STAGES):
+            return [self._run(STAGES[index + 1])]
+        self.state = State.FIRED
+        return [Finished(ok=False, last_stage=event.stage)]

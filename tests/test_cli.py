@@ -1,0 +1,125 @@
+"""The command line as a user meets it: help, version, errors, slabinfo-diff, check, panic."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import needs_root
+
+CLI = [sys.executable, "-m", "killcord.cli"]
+COMMANDS = ["daemon", "panic", "status", "check", "slabinfo-diff", "memlock-config"]
+
+SLAB_A = """slabinfo - version: 2.1
+# name            <active_objs> <num_objs> <objsize> <objperslab> <pagesperslab> : tunables <limit> <batchcount> <sharedfactor> : slabdata <active_slabs> <num_slabs> <sharedavail>
+dentry              1000   1050    192   21    1 : tunables    0    0    0 : slabdata     50     50      0
+kmalloc-64          5000   5120     64   64    1 : tunables    0    0    0 : slabdata     80     80      0
+"""
+SLAB_B = SLAB_A.replace("dentry              1000", "dentry              9000").replace(
+    "kmalloc-64          5000", "kmalloc-64          4000")
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("KILLCORD_")}
+    e.update(env or {})
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, env=e, timeout=60)
+
+
+def test_version_and_help_on_every_command() -> None:
+    out = cli("--version")
+    assert out.returncode == 0 and out.stdout.startswith("killcord ")
+    assert cli("--help").returncode == 0
+    for cmd in COMMANDS:
+        proc = cli(cmd, "--help")
+        assert proc.returncode == 0 and f"killcord {cmd}" in proc.stdout
+
+
+def test_unknown_command_is_an_error() -> None:
+    proc = cli("explode")
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_slabinfo_diff_largest_first(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_text(SLAB_A)
+    b.write_text(SLAB_B)
+    proc = cli("slabinfo-diff", str(a), str(b))
+    assert proc.returncode == 0
+    assert proc.stdout.index("dentry") < proc.stdout.index("kmalloc-64")  # +1.5 MiB before -64 KiB
+    rows = json.loads(cli("slabinfo-diff", str(a), str(b), "--json").stdout)
+    assert [(r["name"], r["delta_bytes"]) for r in rows] == [("dentry", 8000 * 192), ("kmalloc-64", -1000 * 64)]
+
+
+def test_slabinfo_diff_bad_input_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.txt"
+    bad.write_text("hello\n")
+    proc = cli("slabinfo-diff", str(bad), str(bad))
+    assert proc.returncode == 1 and str(bad) in proc.stderr and "not a slabinfo snapshot" in proc.stderr
+    proc = cli("slabinfo-diff", str(tmp_path / "missing"), str(bad))
+    assert proc.returncode == 1 and "missing" in proc.stderr
+
+
+def test_bad_config_value_is_named_with_the_fix() -> None:
+    proc = cli("status", env={"KILLCORD_MODE": "on"})
+    assert proc.returncode == 2
+    assert "KILLCORD_MODE" in proc.stderr and "'on'" in proc.stderr and "dry-run" in proc.stderr
+
+
+def test_status_without_daemon(ramdir: Path) -> None:
+    proc = cli("status", "--json", env={"KILLCORD_SOCKET": str(ramdir / "none.sock")})
+    assert proc.returncode == 4 and json.loads(proc.stdout)["state"] == "stopped"
+
+
+def test_memlock_config_lists_the_interpreter() -> None:
+    proc = cli("memlock-config")
+    assert proc.returncode == 0
+    assert f"+{os.path.realpath(sys.executable)}" in proc.stdout.splitlines()
+
+
+@needs_root
+def test_check_reports_each_item_with_a_fix(loopdev, ramdir: Path) -> None:
+    dev = loopdev()
+    proc = cli("check", "--json", env={"KILLCORD_MEDIUM": dev, "KILLCORD_SOCKET": str(ramdir / "none.sock")})
+    report = json.loads(proc.stdout)
+    items = {i["name"]: i for i in report["items"]}
+    assert set(items) >= {"mode", "medium", "init_on_free", "kexec", "slabinfo", "daemon", "resident", "memlockd"}
+    assert items["medium"]["ok"] and dev in items["medium"]["detail"]
+    assert items["slabinfo"]["ok"]
+    assert not items["daemon"]["ok"] and items["daemon"]["fix"]  # no daemon: required, so...
+    assert proc.returncode == 1 and report["ok"] is False  # ...the check fails
+    for item in items.values():
+        assert item["ok"] or item["fix"], item
+    text = cli("check", env={"KILLCORD_MEDIUM": dev, "KILLCORD_SOCKET": str(ramdir / "none.sock")})
+    assert "[FAIL] daemon" in text.stdout and "fix:" in text.stdout
+
+
+@needs_root
+def test_panic_without_daemon_fires_here_dry(ramdir: Path) -> None:
+    sentinel = subprocess.Popen(["sleep", "60"])
+    try:
+        proc = cli("panic", env={"KILLCORD_SOCKET": str(ramdir / "none.sock"), "KILLCORD_STATE_DIR": str(ramdir)})
+        assert sentinel.poll() is None  # dry-run: nothing was killed
+    finally:
+        sentinel.kill()
+        sentinel.wait()
+    assert "firing here (dry-run)" in proc.stderr
+    stages = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{") and '"stage"' in line]
+    assert [s["stage"] for s in stages][:2] == ["kill", "audit"]
+    assert proc.returncode == 0  # the dry poweroff "succeeds"
+    assert list(ramdir.glob("audit-*.json"))
+
+
+def test_panic_without_daemon_unprivileged_is_denied(ramdir: Path) -> None:
+    code = ("import os, sys, tomllib, killcord.cli, killcord.config, killcord.control\n"
+            "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+            "sys.exit(killcord.cli.main(['panic']))")
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to nobody")
+    e = {k: v for k, v in os.environ.items() if not k.startswith("KILLCORD_")}
+    e["KILLCORD_SOCKET"] = str(ramdir / "none.sock")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, timeout=60)
+    assert proc.returncode == 13 and "only root can fire without the daemon" in proc.stderr

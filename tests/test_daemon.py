@@ -1,0 +1,227 @@
+"""The daemon end to end, in dry-run: a loop device is the medium, uevents are real.
+
+Dry-run is the interlock: these tests run on the host, so nothing may be killed; each
+test keeps a `sleep` sentinel and checks that it survived the (dry) firing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import needs_root, remove_loop, send_uevent
+
+pytestmark = needs_root
+
+CLI = [sys.executable, "-m", "killcord.cli"]
+
+
+def run_cli(env: dict[str, str], *args: str, user: int | None = None,
+            groups: str | None = None) -> subprocess.CompletedProcess[str]:
+    if user is None:
+        return subprocess.run(CLI + list(args), env=env, capture_output=True, text=True, timeout=30)
+    # Drop to `user` after importing (the interpreter may live under a root-only home, as
+    # pyenv's does), then run the command exactly as a user would.
+    gids = [int(g) for g in groups.split(",")] if groups else []
+    code = ("import os, sys, tomllib, killcord.cli, killcord.config, killcord.control\n"
+            f"os.setgroups({gids!r}); os.setgid({user}); os.setuid({user})\n"
+            f"sys.exit(killcord.cli.main({list(args)!r}))")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
+
+
+def status(env: dict[str, str]) -> dict:
+    proc = run_cli(env, "status", "--json")
+    return json.loads(proc.stdout)
+
+
+def wait_for(env: dict[str, str], state: str, timeout: float = 30.0) -> dict:
+    end = time.monotonic() + timeout
+    last: dict = {}
+    while time.monotonic() < end:
+        last = status(env)
+        if last.get("state") == state:
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"state {state!r} not reached; last status: {last}")
+
+
+@pytest.fixture
+def sentinel() -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen(["sleep", "300"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture
+def env(ramdir: Path) -> dict[str, str]:
+    config = ramdir / "killcord.toml"
+    config.write_text("")  # never read the machine's /etc/killcord
+    config.chmod(0o644)  # as /etc/killcord/killcord.toml: readable by the unprivileged client
+    e = {k: v for k, v in os.environ.items() if not k.startswith("KILLCORD_")}
+    e.update(KILLCORD_CONFIG=str(config), KILLCORD_STATE_DIR=str(ramdir),
+             KILLCORD_SOCKET=str(ramdir / "control.sock"), PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    return e
+
+
+@pytest.fixture
+def start_daemon(env: dict[str, str]) -> Iterator[Callable[..., subprocess.Popen]]:
+    procs: list[subprocess.Popen] = []
+
+    def start(**settings: str) -> subprocess.Popen:
+        e = dict(env, **{f"KILLCORD_{k.upper()}": v for k, v in settings.items()})
+        assert e.get("KILLCORD_MODE", "dry-run") == "dry-run"  # the interlock, on the host
+        proc = subprocess.Popen(CLI + ["daemon"], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
+
+
+def test_unplug_fires_kill_audit_kexec_in_order(loopdev, env, start_daemon, sentinel, ramdir: Path,
+                                                tmp_path: Path) -> None:
+    dev = loopdev()
+    kernel = tmp_path / "fake-vmlinuz"  # dry-run only checks it can be read; no kexec here
+    kernel.write_bytes(b"not a kernel: dry-run reads one byte")
+    start_daemon(medium=dev, kexec_kernel=str(kernel), kexec_initrd="none")
+    armed = wait_for(env, "armed")
+    assert armed["medium"]["devpaths"] == [f"/devices/virtual/block/{Path(dev).name}"]
+    assert armed["kexec"]["loaded"] and armed["kexec"]["method"] == "dry"
+    assert armed["kexec"]["cmdline"].split(" -- ")[0].endswith("init_on_free=1 killcord.wipe=1")
+    assert armed["resident"]["mlockall"] and armed["resident"]["locked_kib"] > 0
+
+    send_uevent(dev, "remove")
+    fired = wait_for(env, "fired")
+    assert fired["trigger"] == f"uevent remove /devices/virtual/block/{Path(dev).name}"
+    stages = fired["stages"]
+    assert [s["name"] for s in stages] == ["kill", "audit", "kexec"]
+    assert [s["outcome"] for s in stages] == ["dry", "done", "dry"]
+    assert all(s["duration_ms"] >= 0 for s in stages)
+    assert stages[0]["detail"]["targets"] >= 1  # it found processes it would kill...
+    assert sentinel.poll() is None  # ...and, dry, killed none of them
+    record = json.loads(Path(stages[1]["detail"]["record"]).read_text())
+    assert record["trigger"] == fired["trigger"] and record["stages"][0]["name"] == "kill"
+    assert (ramdir / record["snapshot"]).read_text().startswith("slabinfo - version:")
+
+
+def test_without_a_kexec_image_the_poweroff_fallback_is_next(loopdev, env, start_daemon) -> None:
+    dev = loopdev()
+    start_daemon(medium=dev, kexec_kernel="auto", live_medium_mount="/nonexistent")
+    armed = wait_for(env, "armed")
+    send_uevent(dev, "remove")
+    fired = wait_for(env, "fired")
+    names = [(s["name"], s["outcome"]) for s in fired["stages"]]
+    if armed["kexec"]["loaded"]:  # a machine with this kernel's image in /boot
+        assert names[-1] == ("kexec", "dry")
+    else:
+        assert names == [("kill", "dry"), ("audit", "done"), ("kexec", "skipped"), ("poweroff", "dry")]
+
+
+def test_unrelated_events_and_rereads_never_fire(loopdev, env, start_daemon) -> None:
+    dev, other = loopdev(), loopdev()
+    start_daemon(medium=dev)
+    wait_for(env, "armed")
+    send_uevent(dev, "change")  # the medium's own re-read
+    send_uevent(dev, "add")
+    for _ in range(200):
+        send_uevent(other, "change")
+    send_uevent(other, "remove")  # another stick pulled
+    time.sleep(0.5)
+    s = status(env)
+    assert s["state"] == "armed" and s["stages"] == []
+    seen = [(e["action"], e["fired"]) for e in s["events"] if e["event"] == "Uevent"]
+    assert seen == [("change", False), ("add", False)]  # only the medium's own events are kept
+
+
+def test_real_device_removal_fires(loopdev, env, start_daemon) -> None:
+    dev = loopdev()
+    start_daemon(medium=dev)
+    wait_for(env, "armed")
+    remove_loop(dev)  # the kernel deletes the device: a genuine remove uevent
+    assert wait_for(env, "fired")["trigger"].startswith("uevent remove")
+
+
+def test_panic_as_root_fires_once(loopdev, env, start_daemon, sentinel) -> None:
+    start_daemon(medium=loopdev())
+    wait_for(env, "armed")
+    first = run_cli(env, "panic")
+    assert first.returncode == 0 and "firing (dry-run)" in first.stdout
+    fired = wait_for(env, "fired")
+    assert fired["trigger"].startswith("panic uid=0")
+    again = run_cli(env, "panic")
+    assert again.returncode == 0 and "already fired" in again.stdout
+    assert status(env)["ignored_triggers"] == 1
+    assert sentinel.poll() is None
+
+
+def test_panic_unprivileged_is_refused_and_logged(loopdev, env, start_daemon) -> None:
+    proc = start_daemon(medium=loopdev())
+    wait_for(env, "armed")
+    refused = run_cli(env, "panic", user=65534)
+    assert refused.returncode == 13
+    assert "permission denied: uid 65534" in refused.stderr
+    assert status(env)["state"] == "armed"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)
+    logged = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert any(e["event"] == "panic_refused" and e["uid"] == 65534 for e in logged)
+
+
+def test_panic_group_member_may_fire(loopdev, env, start_daemon) -> None:
+    start_daemon(medium=loopdev(), panic_group="users")  # gid 100 on Debian
+    wait_for(env, "armed")
+    assert run_cli(env, "panic", user=65534).returncode == 13  # not a member
+    ok = run_cli(env, "panic", user=65534, groups="100")
+    assert ok.returncode == 0, ok.stderr
+    assert wait_for(env, "fired")["trigger"].startswith("panic uid=65534 ")
+
+
+def test_removed_while_restarting_fires_at_start(loopdev, env, start_daemon) -> None:
+    dev = loopdev()
+    first = start_daemon(medium=dev)
+    wait_for(env, "armed")
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(10) == 0
+    remove_loop(dev)  # pulled while the daemon was down
+    start_daemon(medium=dev)
+    fired = wait_for(env, "fired")
+    assert "armed earlier this boot" in fired["trigger"] and dev in fired["trigger"]
+
+
+def test_misconfiguration_refuses_to_arm(loopdev, env, start_daemon, ramdir: Path) -> None:
+    bad_mode = start_daemon(mode="dry-run", medium=loopdev(), stage_deadlines_ms='{"kill": -5}')
+    _, err = bad_mode.communicate(timeout=30)
+    assert bad_mode.returncode == 2
+    assert "stage_deadlines_ms" in err and "-5" in err and "1 to 120000" in err
+    missing = start_daemon(medium="/dev/no-such-stick")
+    _, err = missing.communicate(timeout=30)
+    assert missing.returncode == 3
+    assert "refusing to arm" in err and "/dev/no-such-stick" in err
+    assert not (ramdir / "control.sock").exists() and not list(ramdir.glob("audit-*"))
+
+
+def test_sigterm_stops_cleanly(loopdev, env, start_daemon, ramdir: Path) -> None:
+    proc = start_daemon(medium=loopdev())
+    wait_for(env, "armed")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    assert not (ramdir / "control.sock").exists()
+    assert run_cli(env, "status").returncode == 4

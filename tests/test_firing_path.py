@@ -1,0 +1,75 @@
+"""The firing path, in process and dry: it imports nothing, keeps its order, and a stage
+that fails, raises or hangs hands over to the next one within its deadline."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from killcord import daemon, log  # noqa: F401  (what the daemon imports at start)
+from killcord.config import DEFAULT_DEADLINES_MS
+from killcord.events import Outcome, Panic, RunStage, Stage, State
+from killcord.fire import Firer
+from killcord.kexec import Staged
+from killcord.machine import Machine
+
+DRY_STAGED = Staged("/boot/vmlinuz", None, "quiet init_on_free=1 killcord.wipe=1", "dry", True)
+
+
+def firer(ramdir: Path, deadlines: dict[Stage, int] | None = None) -> tuple[Machine, Firer]:
+    m = Machine(deadlines or DEFAULT_DEADLINES_MS)
+    return m, Firer(m, DRY_STAGED, ramdir, live=False)
+
+
+def test_firing_imports_nothing(ramdir: Path) -> None:
+    log.setup()
+    m, f = firer(ramdir)
+    before = set(sys.modules)
+    finished = f.drive(m.feed(Panic(0, 1)))
+    assert finished is not None and finished.ok
+    assert set(sys.modules) - before == set()
+
+
+def test_dry_run_stages_and_state(ramdir: Path) -> None:
+    m, f = firer(ramdir)
+    f.drive(m.feed(Panic(0, 1)))
+    assert m.state is State.FIRED
+    assert [(r.stage, r.outcome) for r in m.results] == [
+        (Stage.KILL, Outcome.DRY), (Stage.AUDIT, Outcome.DONE), (Stage.KEXEC, Outcome.DRY)]
+
+
+def test_a_raising_stage_fails_and_the_next_runs(ramdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    m, f = firer(ramdir)
+
+    def broken(deadline: float):
+        raise RuntimeError("slabinfo exploded")
+
+    monkeypatch.setitem(f._stages, Stage.AUDIT, broken)
+    f.drive(m.feed(Panic(0, 1)))
+    audit = m.results[1]
+    assert audit.outcome is Outcome.FAILED and "slabinfo exploded" in str(audit.detail["error"])
+    assert m.results[2].stage is Stage.KEXEC
+
+
+def test_a_hanging_stage_times_out_at_its_deadline(ramdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    deadlines = dict(DEFAULT_DEADLINES_MS, **{Stage.KEXEC: 100})
+    m, f = firer(ramdir, deadlines)
+    monkeypatch.setitem(f._stages, Stage.KEXEC, lambda deadline: time.sleep(30))
+    ended = f.run(RunStage(Stage.KEXEC, 100))
+    assert ended.outcome is Outcome.TIMED_OUT
+    assert 100 <= ended.duration_ms < 30_000  # abandoned, not waited for
+
+
+def test_missing_slabinfo_is_logged_not_fatal(ramdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from killcord import audit
+
+    monkeypatch.setattr(audit, "SLABINFO", Path("/proc/no-slabinfo"))
+    monkeypatch.setattr(audit.read_snapshot, "__defaults__", (Path("/proc/no-slabinfo"),))
+    m, f = firer(ramdir)
+    f.drive(m.feed(Panic(0, 1)))
+    assert m.results[1].outcome is Outcome.FAILED
+    assert Path(str(m.results[1].detail["record"])).exists()  # the event record is still kept
+    assert m.results[2].stage is Stage.KEXEC
