@@ -225,3 +225,28 @@ def test_sigterm_stops_cleanly(loopdev, env, start_daemon, ramdir: Path) -> None
     assert proc.wait(10) == 0
     assert not (ramdir / "control.sock").exists()
     assert run_cli(env, "status").returncode == 4
+
+
+def test_lost_remove_in_an_event_storm_still_fires(loopdev, ramdir: Path) -> None:
+    """In process, without arm() (no mlockall in the test runner): a tiny receive buffer,
+    a storm of unrelated events, then the medium really goes; its `remove` is dropped by
+    the kernel (ENOBUFS) and the sysfs re-check fires instead."""
+    from killcord import daemon, medium, watch
+    from killcord.config import Config
+    from killcord.events import Armed
+    from killcord.fire import Firer
+    from killcord.kexec import Staged
+
+    dev, other = loopdev(), loopdev()
+    d = daemon.Daemon(Config(state_dir=ramdir, socket=ramdir / "c.sock", medium=dev))
+    d.medium = medium.resolve(dev, Path("/x"))
+    d.watcher = watch.Watcher(buffer_bytes=4096)
+    d.firer = Firer(d.machine, Staged(None, None, "", "none", False), ramdir, live=False)
+    d.machine.feed(Armed(frozenset(d.medium.devpaths)))
+    for _ in range(300):
+        send_uevent(other, "change")
+    remove_loop(dev)
+    d.on_uevents()
+    assert d.machine.trigger is not None
+    assert d.machine.trigger.startswith("medium absent (enobufs")
+    assert [r.stage.value for r in d.machine.results][:2] == ["kill", "audit"]
