@@ -12,7 +12,7 @@ import pytest
 from conftest import needs_root
 
 CLI = [sys.executable, "-m", "killcord.cli"]
-COMMANDS = ["daemon", "panic", "status", "check", "slabinfo-diff", "memlock-config"]
+COMMANDS = ["daemon", "panic", "recheck", "status", "check", "slabinfo-diff", "memlock-config"]
 
 SLAB_A = """slabinfo - version: 2.1
 # name            <active_objs> <num_objs> <objsize> <objperslab> <pagesperslab> : tunables <limit> <batchcount> <sharedfactor> : slabdata <active_slabs> <num_slabs> <sharedavail>

@@ -250,3 +250,18 @@ def test_lost_remove_in_an_event_storm_still_fires(loopdev, ramdir: Path) -> Non
     assert d.machine.trigger is not None
     assert d.machine.trigger.startswith("medium absent (enobufs")
     assert [r.stage.value for r in d.machine.results][:2] == ["kill", "audit"]
+
+
+def test_recheck_after_resume_fires_only_when_the_medium_is_gone(loopdev, env, start_daemon) -> None:
+    dev = loopdev()
+    start_daemon(medium=dev)
+    wait_for(env, "armed")
+    assert run_cli(env, "recheck", user=65534).returncode == 13  # root only
+    ok = run_cli(env, "recheck")
+    assert ok.returncode == 0 and "armed" in ok.stdout
+    assert status(env)["state"] == "armed"
+    remove_loop(dev)
+    # (the real removal also sends a uevent; whichever comes first fires, once)
+    run_cli(env, "recheck")
+    fired = wait_for(env, "fired")
+    assert fired["trigger"].startswith(("uevent remove", "medium absent (resume"))

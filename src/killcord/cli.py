@@ -1,4 +1,4 @@
-"""The commands: daemon, panic, status, check, slabinfo-diff, memlock-config.
+"""The commands: daemon, panic, recheck, status, check, slabinfo-diff, memlock-config.
 
 Exit codes: 0 ok, 1 a check or request failed, 2 bad configuration or arguments,
 3 refused to arm, 4 no daemon running, 13 permission denied.
@@ -73,6 +73,20 @@ def _panic_alone(config, why: str) -> int:  # noqa: ANN001
                           error=None if kexec.is_loaded() else "no daemon staged an image")
     finished = Firer(machine, staged, config.state_dir, config.live).drive(machine.feed(Panic(0, os.getpid())))
     return 0 if finished and finished.ok else EXIT_FAILED
+
+
+def cmd_recheck(args: argparse.Namespace) -> int:
+    from killcord import control
+
+    config = _config(args)
+    try:
+        reply = control.request(config.socket, "recheck")
+    except control.DaemonUnavailable as exc:
+        return _err(str(exc), EXIT_NO_DAEMON)
+    if not reply.get("ok"):
+        return _err(str(reply.get("error")), EXIT_DENIED)
+    print(f"killcord: {reply.get('state')}" + (f" ({reply['trigger']})" if reply.get("trigger") else ""))
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -180,6 +194,8 @@ def parser() -> argparse.ArgumentParser:
                    description="Find the medium, stage kexec, lock into RAM, then block on kernel uevents.")
     sub.add_parser("panic", help="fire now (root or panic_group)",
                    description="Ask the daemon to fire; without a daemon, root fires here.")
+    sub.add_parser("recheck", help="make the daemon re-check the medium now (root; run after resume)",
+                   description="The daemon looks for the medium in sysfs and fires if it is gone.")
     for name, text in (("status", "the daemon's state, medium, kexec, residency, events and stages"),
                        ("check", "preflight: is everything in place to protect this system?")):
         sp = sub.add_parser(name, help=text, description=text)
@@ -195,7 +211,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"daemon": cmd_daemon, "panic": cmd_panic, "status": cmd_status, "check": cmd_check,
+COMMANDS = {"daemon": cmd_daemon, "panic": cmd_panic, "recheck": cmd_recheck, "status": cmd_status, "check": cmd_check,
             "slabinfo-diff": cmd_slabinfo_diff, "memlock-config": cmd_memlock_config}
 
 

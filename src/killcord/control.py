@@ -1,7 +1,7 @@
 """The control socket: one JSON request line in, one JSON response line out.
 
 Anyone may connect and ask for `status`; `panic` is for root and members of
-`panic_group`, decided from the kernel's peer credentials (SO_PEERCRED and
+`panic_group`; `recheck` (re-check the medium in sysfs, after resume) is for root; decided from the kernel's peer credentials (SO_PEERCRED and
 SO_PEERGROUPS), never from anything the client says.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 MAX_REQUEST = 4096
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; not in every Python
-COMMANDS = ("status", "panic")
+COMMANDS = ("status", "panic", "recheck")
 
 
 class DaemonUnavailable(Exception):

@@ -206,6 +206,14 @@ class Daemon:
         if request["cmd"] == "status":
             client.reply(self.status())
             return
+        if request["cmd"] == "recheck":
+            if peer.uid != 0:
+                client.reply({"ok": False, "error": f"permission denied: uid {peer.uid} may not recheck (only root)"})
+                return
+            logger.info("recheck", uid=peer.uid, reason="requested")
+            self.recheck("resume")
+            client.reply({"ok": True, "state": self.machine.state.value, "trigger": self.machine.trigger})
+            return
         if not peer.may_panic(self.panic_gid):
             logger.warning("panic_refused", uid=peer.uid, pid=peer.pid)
             who = f"root or group {self.config.panic_group}" if self.config.panic_group else "root"
