@@ -7,7 +7,7 @@ from pathlib import Path
 
 import psutil
 
-from killcord import audit, control, kexec, medium
+from killcord import audit, control, kexec, medium, resident
 from killcord.config import Config
 
 
@@ -33,7 +33,10 @@ def _last_value(cmdline: str, key: str) -> str | None:
     return value
 
 
-def run(config: Config, cmdline: str | None = None) -> list[Item]:
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def run(config: Config, cmdline: str | None = None, drop_caches: bool = False) -> list[Item]:
     cmdline = Path("/proc/cmdline").read_text() if cmdline is None else cmdline
     items = [Item("mode", config.live, False, f"mode = {config.mode!r}",
                   "" if config.live else 'killcord acts for real only with mode = "live" in /etc/killcord/killcord.toml')]
@@ -54,7 +57,7 @@ def run(config: Config, cmdline: str | None = None) -> list[Item]:
     except (OSError, ValueError) as exc:
         items.append(Item("slabinfo", False, False, f"{audit.SLABINFO}: {exc}",
                           "run as root on a kernel with CONFIG_SLUB_DEBUG (the audit stage is skipped otherwise)"))
-    items += _daemon_items(config)
+    items += _daemon_items(config, drop_caches)
     running = any(p.info["name"] == "memlockd" for p in psutil.process_iter(["name"]))
     items.append(Item("memlockd", running, False, "running" if running else "not running",
                       "" if running else "install and start memlockd with killcord's memlockd config, "
@@ -84,7 +87,7 @@ def _kexec_item(config: Config) -> Item:
     return Item("kexec", True, True, f"stageable: {image} (not staged yet: the daemon stages it when it arms)")
 
 
-def _daemon_items(config: Config) -> list[Item]:
+def _daemon_items(config: Config, drop_caches: bool) -> list[Item]:
     try:
         status = control.request(config.socket, "status", timeout=2.0)
     except (control.DaemonUnavailable, OSError, ValueError) as exc:
@@ -93,14 +96,42 @@ def _daemon_items(config: Config) -> list[Item]:
     armed = status.get("state") == "armed"
     items = [Item("daemon", armed, True, f"pid {status.get('pid')}, state {status.get('state')}",
                   "" if armed else "see `killcord status` and the journal")]
+    return items + [_resident_item(status, drop_caches)]
+
+
+def firing_path_files(pid: int) -> list[str]:
+    """What memlockd must hold for when the medium is gone: the files the daemon maps
+    (its interpreter and libraries, whole: memlockd locks whole files), killcord's own
+    files (for `killcord panic` without a daemon) and the fallback's binaries. The same
+    list `killcord memlock-config` writes."""
+    binaries = [b for b in (resident._resolve_binary(n) for n in resident.DEFAULT_BINARIES) if b]
+    return resident.mapped_files(str(pid)) + resident.killcord_files() + binaries
+
+
+def _resident_item(status: dict, drop_caches: bool) -> Item:
+    """The daemon itself is held by mlockall (the kernel keeps VM_LOCKED pages present);
+    the files it would need again are held by memlockd: mincore over them, after dropping
+    the page cache (root), shows only what is really locked."""
     res = status.get("resident") or {}
     assert isinstance(res, dict)
-    ok = bool(res.get("mlockall")) and not res.get("not_resident")
-    items.append(Item("resident", ok, True,
-                      f"mlockall={res.get('mlockall')}, {res.get('resident_pages')}/{res.get('pages')} pages of "
-                      f"{res.get('files')} files resident, {res.get('locked_kib')} KiB locked",
-                      "" if ok else "run the daemon as root or with CAP_IPC_LOCK; see not_resident in `killcord status --json`"))
-    return items
+    try:
+        pid = int(status["pid"])
+        if drop_caches:
+            DROP_CACHES.write_text("3\n")
+        report = resident.report(firing_path_files(pid))
+        locked_kib = resident.locked_kib(str(pid))
+    except (OSError, KeyError, ValueError) as exc:
+        return Item("resident", False, True, f"cannot check: {exc}", "run `killcord check` as root")
+    missing = list(report["not_resident"])
+    ok = bool(res.get("mlockall")) and locked_kib > 0 and not missing
+    after = "after dropping the page cache" if drop_caches else "(page cache not dropped: try --drop-caches)"
+    detail = (f"daemon: mlockall={res.get('mlockall')}, {locked_kib} KiB locked; files: "
+              f"{report['resident_pages']}/{report['pages']} pages of {report['files']} resident {after}")
+    if missing:
+        detail += f"; not resident: {', '.join(map(str, missing[:5]))}" + (" ..." if len(missing) > 5 else "")
+    return Item("resident", ok, True, detail,
+                "" if ok else "run the daemon as root or with CAP_IPC_LOCK, and memlockd with "
+                "`killcord memlock-config` in /etc/memlockd.d/killcord.cfg")
 
 
 def exit_code(items: list[Item]) -> int:

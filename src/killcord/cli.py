@@ -147,7 +147,7 @@ def _stage_note(outcome: str, detail: dict) -> str:
 def cmd_check(args: argparse.Namespace) -> int:
     from killcord import check
 
-    items = check.run(_config(args))
+    items = check.run(_config(args), drop_caches=args.drop_caches)
     if args.json:
         print(json.dumps({"ok": check.exit_code(items) == 0, "items": [i.as_dict() for i in items]}, indent=2))
     else:
@@ -200,6 +200,8 @@ def parser() -> argparse.ArgumentParser:
                        ("check", "preflight: is everything in place to protect this system?")):
         sp = sub.add_parser(name, help=text, description=text)
         sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.add_argument("--drop-caches", action="store_true",
+                    help="drop the page cache first (root), so residency shows what is really locked")
     sp = sub.add_parser("slabinfo-diff", help="what changed between two /proc/slabinfo snapshots",
                         description="Largest changes in allocated kernel memory first.")
     sp.add_argument("before")

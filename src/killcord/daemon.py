@@ -238,7 +238,10 @@ class Daemon:
                             "fired": bool(actions)})
         if actions:
             logger.critical("fire", trigger=self.machine.trigger)
-            log.notify(STATUS=f"firing: {self.machine.trigger}")
+            # The loop stops pinging while the stages run: stretch the watchdog over all of
+            # their deadlines, so systemd does not abort us before the last resort (sysrq).
+            budget_us = (sum(self.config.deadlines.values()) + 5000) * 1000
+            log.notify(STATUS=f"firing: {self.machine.trigger}", WATCHDOG_USEC=budget_us)
             assert self.firer is not None
             finished = self.firer.drive(actions)
             log.notify(STATUS=f"fired: {self.machine.trigger} (ok={finished.ok if finished else None})")

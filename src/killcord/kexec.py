@@ -161,8 +161,8 @@ def stage(kernel_setting: str, initrd_setting: str, append: str, live: bool, loc
         current_cmdline = Path("/proc/cmdline").read_text()
     cmdline = sanitize_cmdline(current_cmdline, append)
     if kernel is None:
-        return Staged(None, initrd, cmdline, "none", is_loaded() and live,
-                      error="no kernel image found; set kexec_kernel")
+        why = "kexec_kernel = none" if kernel_setting == "none" else "no kernel image found; set kexec_kernel"
+        return Staged(None, initrd, cmdline, "none", is_loaded() and live, error=why)
     if not live:
         try:
             for path in filter(None, (kernel, initrd)):
