@@ -9,7 +9,7 @@ import pytest
 from killcord import kexec
 from killcord.events import Outcome
 
-TAIL = "init_on_free=1 killcord.wipe=1"
+TAIL = "init_on_alloc=1 init_on_free=1 killcord.wipe=1"
 
 
 @pytest.mark.parametrize(("current", "expected"), [
@@ -23,7 +23,7 @@ TAIL = "init_on_free=1 killcord.wipe=1"
     ("reserve_mem=64M:4096:trace cma=64M hugetlb_cma=1G efi_fake_mem=1G@4G:0x40000 x", f"x {TAIL}"),
     # ours go last: the last init_on_free wins
     ("init_on_free=0 quiet", f"quiet {TAIL}"),
-    ("killcord.wipe=0 init_on_free=1 x", f"x {TAIL}"),
+    ("killcord.wipe=0 init_on_free=1 init_on_alloc=0 x", f"x {TAIL}"),
     # before " -- ": what follows goes to init
     ("quiet -- single init_on_free=0", f"quiet {TAIL} -- single init_on_free=0"),
     ("BOOT_IMAGE=/live/vmlinuz initrd=/live/initrd.img boot=live", f"boot=live {TAIL}"),
@@ -50,8 +50,9 @@ def test_sanitizes_this_hosts_command_line() -> None:
     line = Path("/proc/cmdline").read_text()
     out = kexec.sanitize_cmdline(line)
     kernel_part = out.split(" -- ")[0].split()
-    assert kernel_part[-2:] == ["init_on_free=1", "killcord.wipe=1"]
-    assert not any(t.split("=")[0] in kexec.STRIPPED - {"init_on_free", "killcord.wipe"} for t in kernel_part)
+    assert kernel_part[-3:] == ["init_on_alloc=1", "init_on_free=1", "killcord.wipe=1"]
+    assert not any(t.split("=")[0] in kexec.STRIPPED - {"init_on_alloc", "init_on_free", "killcord.wipe"}
+                   for t in kernel_part)
 
 
 def test_explicit_missing_image_is_a_config_error(tmp_path: Path) -> None:

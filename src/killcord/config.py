@@ -37,7 +37,7 @@ MAX_DEADLINE_MS = 120_000
 # wiped (vm-findings.md), or ours to set last. kexec.py strips them from the current line.
 _FORBIDDEN_APPEND = re.compile(
     r"^(mem|memmap|crashkernel|hugepages|hugepagesz|default_hugepagesz|reserve_mem|cma|"
-    r"hugetlb_cma|efi_fake_mem|init_on_free|killcord\.wipe)(=|$)"
+    r"hugetlb_cma|efi_fake_mem|init_on_alloc|init_on_free|killcord\.wipe)(=|$)"
 )
 _MEDIUM_FORMS = ("auto", "/dev/...", "serial:<serial>", "uuid:<uuid>", "id-path:<id-path>")
 _CORD = re.compile(r"^serial:(?P<serial>[^@\s]+)@(?P<port>\d+-\d+(\.\d+)*)$")
@@ -109,7 +109,7 @@ class Config(BaseSettings):
             if token == "--" or _FORBIDDEN_APPEND.match(token):
                 raise ValueError(
                     f"{token!r} is not allowed in kexec_append: it keeps RAM from being wiped "
-                    "or is set by killcord itself (init_on_free=1 killcord.wipe=1 always go last)"
+                    "or is set by killcord itself (init_on_alloc=1 init_on_free=1 killcord.wipe=1 always go last)"
                 )
         return v
 

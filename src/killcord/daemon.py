@@ -18,7 +18,7 @@ import structlog
 
 from killcord import __version__, control, kexec, log, medium, resident, watch
 from killcord.config import Config
-from killcord.events import Armed, Event, MediumCheck, Panic, State, Uevent
+from killcord.events import Armed, Event, MediumCheck, Panic, Stage, State, Uevent
 from killcord.fire import Firer
 from killcord.machine import Machine
 
@@ -169,6 +169,11 @@ class Daemon:
         self.config.socket.unlink(missing_ok=True)
 
     def _stop(self, signum: int, _frame: Any) -> None:
+        if self.machine.state is State.FIRING and self.machine.current is Stage.POWEROFF:
+            # systemd-shutdown is ending every process: the poweroff we asked for is under
+            # way. Waiting out our deadline would only hold it up.
+            logger.critical("poweroff_progressing", signal=signum)
+            os._exit(0)
         self.stopping = True
 
     def on_uevents(self) -> None:

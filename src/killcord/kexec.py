@@ -20,7 +20,9 @@ from killcord.events import Outcome
 
 # Always last, before any " -- ": the last init_on_free wins, and what follows "--"
 # goes to init, not to the kernel (vm-findings.md, "What the kexec target must not inherit").
-WIPE_PARAMS = ("init_on_free=1", "killcord.wipe=1")
+# init_on_alloc=1 lets the initramfs wiper claim free memory with fallocate: the kernel
+# then zeroes every page it hands over, far faster than writing zeros from user space.
+WIPE_PARAMS = ("init_on_alloc=1", "init_on_free=1", "killcord.wipe=1")
 
 # Dropped from the inherited command line. mem=, memmap=, crashkernel= and gigantic
 # hugepages were measured to leave 15-50 % of RAM unwiped; reserve_mem=, cma=,
@@ -30,7 +32,7 @@ WIPE_PARAMS = ("init_on_free=1", "killcord.wipe=1")
 STRIPPED = frozenset({
     "mem", "memmap", "crashkernel", "hugepages", "hugepagesz", "default_hugepagesz",
     "reserve_mem", "cma", "hugetlb_cma", "efi_fake_mem", "initrd", "BOOT_IMAGE",
-    "init_on_free", "killcord.wipe",
+    "init_on_alloc", "init_on_free", "killcord.wipe",
 })
 
 SYS_KEXEC_FILE_LOAD = {"x86_64": 320, "aarch64": 294}.get(platform.machine())

@@ -39,6 +39,19 @@ def _to_kmsg(_: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     return event_dict
 
 
+def _stderr_is_journal() -> bool:
+    # systemd sets JOURNAL_STREAM=dev:inode of the stream it connected (systemd.exec(5))
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return False
+    return os.environ.get("JOURNAL_STREAM") == f"{st.st_dev}:{st.st_ino}"
+
+
+def _drop(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    raise structlog.DropEvent
+
+
 def setup(kmsg: bool = False) -> None:
     """Configure once at start. kmsg: also echo critical events to the kernel console (live)."""
     global _kmsg_fd
@@ -53,7 +66,11 @@ def setup(kmsg: bool = False) -> None:
     ]
     if os.path.exists(JOURNAL_SOCKET):
         processors.append(_to_journal)
-    processors += [_to_kmsg, structlog.processors.JSONRenderer(default=str)]
+    processors.append(_to_kmsg)
+    if _stderr_is_journal() and os.path.exists(JOURNAL_SOCKET):
+        # under systemd stderr is the journal too: the structured entry above is enough
+        processors.append(_drop)
+    processors.append(structlog.processors.JSONRenderer(default=str))
     structlog.configure(
         processors=processors,
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),

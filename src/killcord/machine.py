@@ -56,6 +56,11 @@ class Machine:
         self.ignored_triggers = 0  # triggers that came while firing or fired
         self._current: Stage | None = None
 
+    @property
+    def current(self) -> Stage | None:
+        """The stage running now (FIRING), if any."""
+        return self._current
+
     def feed(self, event: Event) -> list[Action]:
         if isinstance(event, StageEnded):
             return self._stage_ended(event)
