@@ -2,9 +2,10 @@
 SHELL := /bin/bash
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
-APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libsystemd-dev util-linux e2fsprogs
+APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libsystemd-dev util-linux e2fsprogs \
+                qemu-system-x86 qemu-utils mmdebstrap
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test test-unit demo bench clean deb
 
 $(VENV)/.installed: pyproject.toml
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -18,14 +19,20 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed   ## system packages (root) + .venv with killcord and its test tools
 
-test: setup                 ## the whole suite (root: loop devices, PID namespaces, slabinfo)
+test: setup deb             ## the whole suite, QEMU guests included (root; minutes under TCG)
 	$(PY) -m pytest -q
+
+test-unit: setup            ## everything but the QEMU guests (seconds)
+	$(PY) -m pytest -q -m "not vm"
 
 demo: setup                 ## dry-run demo: arm on a loop device, pull it, show what fired
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/demo.sh
 
 bench: setup                ## trigger latency benchmark -> out/bench/latency.json
 	$(PY) bench/latency.py --out out/bench/latency.json
+
+deb:                        ## Debian package -> out/deb/killcord_<version>_amd64.deb (root: installs its build tools)
+	bash packaging/build-deb.sh
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis

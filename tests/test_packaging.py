@@ -1,0 +1,362 @@
+"""The Debian package's parts: systemd units, sleep/shutdown hooks, the conffile, the
+maintainer scripts, the changelog's version; and the built .deb when there is one.
+
+Fast and static: nothing here installs, starts or runs a hook for real (the shutdown hook
+would drop caches and wipe). The real install in a chroot is tests/vm's job.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import killcord
+from killcord.config import Config, load
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEMD = ROOT / "systemd"
+DEBIAN = ROOT / "packaging" / "debian"
+CONFFILE = ROOT / "packaging" / "killcord.toml"
+
+# What killcord.service may hold at most (see the comments in the unit for each one).
+ALLOWED_CAPS = {"CAP_SYS_BOOT", "CAP_KILL", "CAP_SYS_ADMIN", "CAP_IPC_LOCK", "CAP_SYS_RESOURCE", "CAP_NET_ADMIN"}
+# Sandboxing that would break firing (each explained in the unit): must stay off.
+BREAKS_FIRING = {
+    "ProtectKernelTunables": "makes /proc/sys and /proc/sysrq-trigger read-only",
+    "ProtectKernelLogs": "hides /dev/kmsg",
+    "ProtectClock": "turns on the device allow-list, which blocks /dev/kmsg",
+    "PrivateDevices": "hides /dev/kmsg and block devices",
+    "ProtectProc": "hides processes from the kill sweeps",
+    "ProcSubset": "hides /proc/slabinfo, /proc/sys, /proc/sysrq-trigger",
+    "PrivateNetwork": "kernel uevents go to the initial network namespace",
+    "PrivateUsers": "capabilities in a user namespace cannot kexec or signal init",
+    "DynamicUser": "it must run as root",
+    "User": "it must run as root",
+}
+HOOKS = [SYSTEMD / "killcord.sleep", SYSTEMD / "killcord.shutdown"]
+MAINTAINER_SCRIPTS = [DEBIAN / f"killcord.{s}" for s in ("postinst", "postrm", "prerm")]
+
+
+def parse_unit(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """A systemd unit as {section: [(key, value), ...]}: keys may repeat, order kept,
+    comments dropped, backslash continuations joined."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] | None = None
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = pending + raw.strip()
+        pending = ""
+        if not line or line[0] in "#;":
+            continue
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], [])
+            continue
+        assert current is not None, f"{path.name}: {line!r} before any [section]"
+        key, sep, value = line.partition("=")
+        assert sep, f"{path.name}: not key=value: {line!r}"
+        current.append((key.strip(), value.strip()))
+    return sections
+
+
+def values(unit: dict[str, list[tuple[str, str]]], section: str, key: str) -> list[str]:
+    return [v for k, v in unit.get(section, []) if k == key]
+
+
+def one(unit: dict[str, list[tuple[str, str]]], section: str, key: str) -> str:
+    found = values(unit, section, key)
+    assert len(found) == 1, f"[{section}] {key}= set {len(found)} times: {found}"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def daemon_unit() -> dict[str, list[tuple[str, str]]]:
+    return parse_unit(SYSTEMD / "killcord.service")
+
+
+@pytest.fixture(scope="module")
+def prepare_unit() -> dict[str, list[tuple[str, str]]]:
+    return parse_unit(SYSTEMD / "killcord-shutdown-prepare.service")
+
+
+# ---- killcord.service ----
+
+
+def test_daemon_unit_runs_the_daemon_under_the_watchdog(daemon_unit) -> None:
+    assert one(daemon_unit, "Service", "Type") == "notify"
+    assert one(daemon_unit, "Service", "ExecStart") == "/usr/bin/killcord daemon"
+    watchdog = one(daemon_unit, "Service", "WatchdogSec")
+    assert re.fullmatch(r"\d+", watchdog) and 0 < int(watchdog) <= 30, watchdog
+    assert one(daemon_unit, "Service", "Restart") == "always"
+    assert one(daemon_unit, "Service", "OOMScoreAdjust") == "-1000"
+
+
+def test_daemon_unit_is_armed_early_and_keeps_its_state(daemon_unit) -> None:
+    assert one(daemon_unit, "Unit", "DefaultDependencies") == "no"
+    assert "sysinit.target" in " ".join(values(daemon_unit, "Unit", "Before"))
+    assert values(daemon_unit, "Install", "WantedBy") == ["sysinit.target"]
+    assert one(daemon_unit, "Service", "RuntimeDirectory") == "killcord"
+    # unprivileged users must reach the socket (so their panic is refused and logged)
+    assert one(daemon_unit, "Service", "RuntimeDirectoryMode") == "0755"
+    # the record of the armed medium must survive a restart
+    assert one(daemon_unit, "Service", "RuntimeDirectoryPreserve") == "yes"
+
+
+def test_daemon_unit_capabilities_are_allowed_and_each_explained(daemon_unit) -> None:
+    caps = set(" ".join(values(daemon_unit, "Service", "CapabilityBoundingSet")).split())
+    assert caps, "CapabilityBoundingSet= must be set"
+    assert not any(c.startswith("~") for c in caps), "an allow-list, not a deny-list"
+    assert caps <= ALLOWED_CAPS, f"not allowed: {sorted(caps - ALLOWED_CAPS)}"
+    ambient = set(" ".join(values(daemon_unit, "Service", "AmbientCapabilities")).split())
+    assert ambient <= caps
+    text = (SYSTEMD / "killcord.service").read_text()
+    for cap in caps:
+        assert re.search(rf"^# {cap}\s+\S", text, re.M), f"{cap} has no comment saying why"
+
+
+def test_daemon_unit_sandbox_does_not_break_firing(daemon_unit) -> None:
+    for key, why in BREAKS_FIRING.items():
+        for value in values(daemon_unit, "Service", key):
+            assert value in ("no", "false", "default", ""), f"{key}={value}: {why}"
+    families = set(one(daemon_unit, "Service", "RestrictAddressFamilies").split())
+    assert {"AF_UNIX", "AF_NETLINK"} <= families
+    # a refused call must fail the stage (next stage runs), not kill the daemon
+    assert one(daemon_unit, "Service", "SystemCallErrorNumber") == "EPERM"
+
+
+SYSCALLS_NEEDED = ["kexec_file_load", "kexec_load", "reboot", "kill", "mlockall", "mincore", "setsockopt"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_daemon_unit_syscall_filter_allows_the_firing_path(daemon_unit) -> None:
+    allowed: set[str] = set()
+    groups = subprocess.run(["systemd-analyze", "syscall-filter", "--no-pager"], capture_output=True,
+                            text=True, check=True).stdout
+
+    def expand(name: str) -> set[str]:
+        if not name.startswith("@"):
+            return {name}
+        block = re.search(rf"^{re.escape(name)}\n(.*?)(?:\n\n|\Z)", groups, re.M | re.S)
+        assert block, f"unknown group {name}"
+        out: set[str] = set()
+        for line in block.group(1).splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                out |= expand(line)
+        return out
+
+    for entry in " ".join(values(daemon_unit, "Service", "SystemCallFilter")).split():
+        assert not entry.startswith("~"), "an allow-list, not a deny-list"
+        allowed |= expand(entry)
+    missing = [s for s in SYSCALLS_NEEDED if s not in allowed]
+    assert not missing, f"SystemCallFilter= refuses {missing}"
+
+
+# ---- killcord-shutdown-prepare.service ----
+
+
+def test_prepare_unit(prepare_unit) -> None:
+    assert one(prepare_unit, "Service", "Type") == "oneshot"
+    assert one(prepare_unit, "Service", "RemainAfterExit") == "yes"
+    assert one(prepare_unit, "Service", "ExecStart") == "/usr/lib/killcord/prepare-shutdown"
+    assert "!/run/initramfs/shutdown" in values(prepare_unit, "Unit", "ConditionPathExists")
+    assert values(prepare_unit, "Install", "WantedBy")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    # a root with the units and stand-ins for the programs they run
+    units = tmp_path / "lib/systemd/system"
+    units.mkdir(parents=True)
+    for unit in SYSTEMD.glob("*.service"):
+        shutil.copy(unit, units / unit.name)
+    for program in ("usr/bin/killcord", "usr/lib/killcord/prepare-shutdown"):
+        p = tmp_path / program
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("#!/bin/sh\n")
+        p.chmod(0o755)
+    names = [f"/lib/systemd/system/{u.name}" for u in SYSTEMD.glob("*.service")]
+    r = subprocess.run(["systemd-analyze", "verify", "--man=no", f"--root={tmp_path}", *names],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+
+
+# ---- hooks and maintainer scripts ----
+
+
+@pytest.mark.parametrize("script", HOOKS + MAINTAINER_SCRIPTS, ids=lambda p: p.name)
+def test_shell_syntax(script: Path) -> None:
+    r = subprocess.run(["sh", "-n", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+@pytest.mark.parametrize("script", HOOKS + MAINTAINER_SCRIPTS + [ROOT / "packaging/build-deb.sh"],
+                         ids=lambda p: p.name)
+def test_shellcheck(script: Path) -> None:
+    shell = "bash" if script.suffix == ".sh" else "sh"
+    r = subprocess.run(["shellcheck", "-s", shell, str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("script", HOOKS, ids=lambda p: p.name)
+def test_hooks_are_executable_posix_sh(script: Path) -> None:
+    assert script.read_text().startswith("#!/bin/sh\n")
+    assert script.stat().st_mode & stat.S_IXUSR
+
+
+def test_sleep_hook_pre_only_logs() -> None:
+    # `pre` touches nothing (protection stays on); `post` would ask a daemon to re-check
+    r = subprocess.run(["sh", str(SYSTEMD / "killcord.sleep"), "pre", "suspend"], capture_output=True, text=True)
+    assert r.returncode == 0
+    assert "stays armed" in r.stdout
+
+
+def test_shutdown_hook_defers_to_the_shutdown_root_and_says_so_on_the_console() -> None:
+    text = (SYSTEMD / "killcord.shutdown").read_text()
+    assert "/run/initramfs/shutdown" in text and "/usr/lib/killcord/killcord-wipe" in text
+    assert '"<2>killcord-shutdown-hook:' in text  # level 2 passes `quiet`
+
+
+@pytest.mark.parametrize("script", MAINTAINER_SCRIPTS, ids=lambda p: p.name)
+def test_maintainer_scripts_keep_debhelper_snippets(script: Path) -> None:
+    text = script.read_text()
+    assert text.startswith("#!/bin/sh\n") and "\nset -e\n" in text
+    assert "#DEBHELPER#" in text
+
+
+def test_postrm_purge_removes_config_memlockd_cfg_and_state() -> None:
+    text = (DEBIAN / "killcord.postrm").read_text()
+    purge = text[text.index("\npurge)"):]
+    purge = purge[: purge.index(";;")]
+    for path in ("/etc/killcord", "/run/killcord", "$MEMLOCK_CFG"):
+        assert path in purge
+    assert "MEMLOCK_CFG=/etc/memlockd.d/killcord.cfg" in text
+
+
+# ---- the conffile ----
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in list(os.environ):
+        if k.startswith("KILLCORD_"):
+            monkeypatch.delenv(k)
+
+
+def test_conffile_turns_protection_on(clean_env) -> None:
+    data = tomllib.loads(CONFFILE.read_text())
+    assert data == {"mode": "live"}
+    config = load(CONFFILE)
+    assert config.mode == "live" and config.live
+
+
+def _uncommented(text: str) -> str:
+    """The conffile with every commented `key = value` and `[table]` line switched on."""
+    setting = re.compile(r"^# (\[[a-z_]+\]|[a-z_]+ = .*)$")
+    return "\n".join(m.group(1) if (m := setting.match(line)) else line for line in text.splitlines()) + "\n"
+
+
+def test_conffile_documents_every_setting_with_its_default(clean_env, tmp_path: Path) -> None:
+    text = CONFFILE.read_text()
+    for name in Config.model_fields:
+        assert re.search(rf"^(# )?\[?{name}\b", text, re.M), f"setting {name!r} is not in the conffile"
+    on = tmp_path / "all-defaults.toml"
+    on.write_text(_uncommented(text))
+    shown = load(on)  # every commented default is a valid value
+    defaults = Config()
+    for name in Config.model_fields:
+        if name == "mode":
+            continue
+        assert getattr(shown, name) == getattr(defaults, name), f"{name}: the comment shows a value that is not the default"
+    # a setting without a default value (None) is explained, not shown as an assignment
+    shown_keys = set(tomllib.loads(on.read_text()))
+    for name in Config.model_fields:
+        if getattr(defaults, name) is None:
+            assert name not in shown_keys
+
+
+# ---- versions and package metadata ----
+
+
+def test_changelog_version_is_the_package_version() -> None:
+    first = (DEBIAN / "changelog").read_text().splitlines()[0]
+    m = re.match(r"^killcord \(([^)]+)\) ", first)
+    assert m, first
+    assert m.group(1) == killcord.__version__, "add a changelog entry: dch -c packaging/debian/changelog -v VERSION"
+
+
+def test_control_depends() -> None:
+    control = (DEBIAN / "control").read_text()
+    binary = control[control.index("\nPackage: killcord"):]
+    assert re.search(r"^Architecture: amd64$", binary, re.M)  # pydantic-core is compiled
+    depends = re.search(r"^Depends:(.*?)^\S", binary, re.M | re.S).group(1)
+    for dep in ("python3 (>= 3.11)", "python3 (<< 3.12)", "python3-pyudev", "python3-psutil", "python3-systemd",
+                "python3-structlog", "kexec-tools", "memlockd", "busybox", "initramfs-tools | dracut",
+                "${misc:Depends}", "${shlibs:Depends}"):
+        assert dep in depends, dep
+
+
+def test_vendored_wheels_are_pinned() -> None:
+    lines = [line for line in (ROOT / "packaging/vendor-requirements.txt").read_text().splitlines()
+             if line and not line.startswith("#")]
+    names = {line.split("==")[0] for line in lines}
+    assert all(re.fullmatch(r"[a-z0-9-]+==[0-9][0-9A-Za-z.]*", line) for line in lines), lines
+    assert {"pydantic", "pydantic-core", "pydantic-settings"} <= names
+
+
+def test_every_file_the_package_installs_exists() -> None:
+    script = (ROOT / "packaging/build-deb.sh").read_text()
+    block = re.search(r"^required=\((.*?)^\)", script, re.M | re.S).group(1)
+    missing = [f for f in block.split() if not (ROOT / f).is_file()]
+    assert not missing, f"`make deb` would stop: missing {missing}"
+
+
+# ---- the built package, when there is one ----
+
+DEBS = sorted((ROOT / "out" / "deb").glob("killcord_*.deb"))
+EXPECTED = {  # path: mode
+    "./usr/bin/killcord": 0o755,
+    "./etc/killcord/killcord.toml": 0o644,
+    "./lib/systemd/system/killcord.service": 0o644,
+    "./lib/systemd/system/killcord-shutdown-prepare.service": 0o644,
+    "./lib/systemd/system-sleep/killcord": 0o755,
+    "./lib/systemd/system-shutdown/killcord": 0o755,
+    "./usr/lib/killcord/killcord/cli.py": 0o644,
+    "./usr/lib/killcord/killcord-wipe": 0o755,
+    "./usr/lib/killcord/killcord-shutdown": 0o755,
+    "./usr/lib/killcord/prepare-shutdown": 0o755,
+    "./usr/share/initramfs-tools/hooks/killcord": 0o755,
+    "./usr/share/initramfs-tools/scripts/init-top/killcord": 0o755,
+    "./usr/lib/dracut/modules.d/90killcord/module-setup.sh": 0o755,
+}
+
+
+@pytest.mark.skipif(not DEBS, reason="needs a built package: out/deb/killcord_*.deb does not exist (run `make deb`); "
+                                     "installing it in a chroot is tests/vm's job")
+def test_built_deb_contents() -> None:
+    deb = DEBS[-1]
+    assert deb.name == f"killcord_{killcord.__version__}_amd64.deb", f"{deb.name} is stale: run `make deb`"
+    listing = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True).stdout
+    modes: dict[str, int] = {}
+    for line in listing.splitlines():
+        perms, *_, path = line.split(maxsplit=5)
+        modes[path.split(" -> ")[0]] = sum(
+            (c != "-") << (8 - i) for i, c in enumerate(perms[1:10]))
+    for path, mode in EXPECTED.items():
+        assert path in modes, f"{path} is not in {deb.name}"
+        assert modes[path] == mode, f"{path}: mode {modes[path]:o}, want {mode:o}"
+    assert any(p.startswith("./usr/lib/killcord/vendor/pydantic_core/") and p.endswith(".so") for p in modes)
+    assert not any("__pycache__" in p or p.endswith(".pyc") for p in modes), "bytecode belongs to postinst"
+    conffiles = subprocess.run(["dpkg-deb", "-I", str(deb), "conffiles"], capture_output=True, text=True,
+                               check=True).stdout.split()
+    assert conffiles == ["/etc/killcord/killcord.toml"]

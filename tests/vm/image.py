@@ -1,0 +1,181 @@
+"""Build (or take from the cache) a Debian bookworm system with killcord's .deb installed.
+
+mmdebstrap with no mirror argument: the machine's own apt sources. The result is cached
+under .cache/vm/<key>, the key made of the .deb, the package list and this file, so a
+second run does not rebuild. Outputs: the kernel (bzImage and the uncompressed vmlinux
+that QEMU boots faster), the initramfs, a root file system image, and what the build saw
+(the initramfs listing, the installed killcord.toml).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CACHE = ROOT / ".cache" / "vm"
+SUITE = "bookworm"
+PACKAGES = [
+    "systemd-sysv", "udev", "linux-image-amd64", "initramfs-tools", "busybox", "dmsetup",
+    "kexec-tools", "memlockd", "procps", "kmod",
+]
+
+# Test-only layer: inert unless the kernel command line asks for it (killcord_ci=panic).
+CI_UNIT = """\
+[Unit]
+Description=killcord CI: once killcord is armed, open a dm-crypt mapping, then panic
+ConditionKernelCommandLine=killcord_ci=panic
+After=killcord.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/killcord-ci-panic
+
+[Install]
+WantedBy=multi-user.target
+"""
+CI_SCRIPT = """\
+#!/bin/sh
+# what a user's session would hold: a dm-crypt mapping with a key in the kernel
+say() { echo "<2>killcord-ci: $*" > /dev/kmsg; }
+until killcord status --json 2>/dev/null | grep -q '"state": "armed"'; do sleep 1; done
+say "armed: $(killcord status --json | grep -o '"loaded": [a-z]*' | head -1)"
+say "shutdown root: prepare $(systemctl is-active killcord-shutdown-prepare.service), $(ls /run/initramfs | tr '\\n' ' ')"
+journalctl -b -u killcord-shutdown-prepare.service --no-pager -o cat | while read -r l; do say "prepare: $l"; done
+modprobe dm-crypt
+truncate -s 16M /run/ci-disk.img
+dev=$(losetup --find --show /run/ci-disk.img)
+key=$(od -An -tx1 -N64 /dev/urandom | tr -d ' \\n')
+dmsetup create ci-secret -u CRYPT-PLAIN-ci-secret --table "0 32768 crypt aes-xts-plain64 $key 0 $dev 0"
+say "dm-crypt open: $(ls /dev/mapper | tr '\\n' ' ')"
+say "panic"
+killcord panic
+"""
+
+
+@dataclass(frozen=True)
+class Image:
+    dir: Path
+
+    @property
+    def vmlinuz(self) -> Path:
+        return self.dir / "vmlinuz"
+
+    @property
+    def vmlinux(self) -> Path:
+        return self.dir / "vmlinux"
+
+    @property
+    def initrd(self) -> Path:
+        return self.dir / "initrd.img"
+
+    @property
+    def rootfs(self) -> Path:
+        return self.dir / "rootfs.ext4"
+
+    @property
+    def initrd_files(self) -> list[str]:
+        return (self.dir / "initrd-files.txt").read_text().split()
+
+    @property
+    def config_text(self) -> str:
+        return (self.dir / "killcord.toml").read_text()
+
+    @property
+    def info(self) -> dict:
+        return json.loads((self.dir / "info.json").read_text())
+
+
+def find_deb() -> Path:
+    if os.environ.get("KILLCORD_DEB"):
+        return Path(os.environ["KILLCORD_DEB"])
+    debs = sorted((ROOT / "out" / "deb").glob("killcord_*_amd64.deb"))
+    if not debs:
+        raise FileNotFoundError("no out/deb/killcord_*_amd64.deb: run `make deb` first")
+    return debs[-1]
+
+
+def cache_key(deb: Path) -> str:
+    h = hashlib.sha256()
+    h.update(deb.read_bytes())
+    h.update(json.dumps([SUITE, PACKAGES]).encode())
+    h.update(Path(__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def extract_vmlinux(bzimage: Path, out: Path) -> None:
+    """The uncompressed kernel: QEMU boots it through its PVH entry, twice as fast under
+    TCG as the bzImage (vm-findings.md). Debian's bzImage carries an xz payload."""
+    data = bzimage.read_bytes()
+    offset = data.find(b"\xfd7zXZ\x00")
+    if offset < 0:
+        raise ValueError(f"{bzimage}: no xz payload found")
+    out.write_bytes(lzma.LZMADecompressor().decompress(data[offset:]))
+
+
+def build(deb: Path | None = None, cache: Path = CACHE, log=sys.stderr) -> Image:
+    deb = deb or find_deb()
+    target = cache / cache_key(deb)
+    if (target / "info.json").exists():
+        return Image(target)
+    cache.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="build-", dir=cache))
+    tree = work / "tree"
+    hooks = work / "hooks"
+    hooks.mkdir()
+    (hooks / "killcord-ci-panic.service").write_text(CI_UNIT)
+    (hooks / "killcord-ci-panic").write_text(CI_SCRIPT)
+    shutil.copy(deb, hooks / "killcord.deb")
+    customize = [
+        f'copy-in {hooks}/killcord.deb /tmp',
+        'chroot "$1" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q /tmp/killcord.deb',
+        'rm -f "$1/tmp/killcord.deb"',
+        f'copy-in {hooks}/killcord-ci-panic /usr/local/sbin',
+        'chmod 0755 "$1/usr/local/sbin/killcord-ci-panic"',
+        f'copy-in {hooks}/killcord-ci-panic.service /etc/systemd/system',
+        'chroot "$1" systemctl enable killcord-ci-panic.service',
+        # a clean console for the tests that read it
+        'chroot "$1" systemctl mask serial-getty@ttyS0.service getty@tty1.service',
+        'echo killcord-test > "$1/etc/hostname"',
+        'printf "/dev/vda / ext4 rw 0 1\\n" > "$1/etc/fstab"',
+        f'chroot "$1" sh -c "lsinitramfs /boot/initrd.img-*" > {work}/initrd-files.txt',
+    ]
+    cmd = ["mmdebstrap", "--variant=apt", "--mode=root", "--format=directory",
+           f"--include={','.join(PACKAGES)}"]
+    cmd += [f"--customize-hook={h}" for h in customize]
+    cmd += [SUITE, str(tree)]
+    print(f"image: building {target.name} with mmdebstrap ({deb.name})", file=log, flush=True)
+    subprocess.run(cmd, check=True, stdout=log, stderr=log)
+    try:
+        boot = tree / "boot"
+        vmlinuz = next(boot.glob("vmlinuz-*"))
+        initrd = next(boot.glob("initrd.img-*"))
+        shutil.copy(vmlinuz, work / "vmlinuz")
+        shutil.copy(initrd, work / "initrd.img")
+        extract_vmlinux(vmlinuz, work / "vmlinux")
+        shutil.copy(tree / "etc" / "killcord" / "killcord.toml", work / "killcord.toml")
+        size_mib = int(subprocess.run(["du", "-sm", str(tree)], check=True, capture_output=True,
+                                      text=True).stdout.split()[0]) + 512
+        subprocess.run(["mkfs.ext4", "-q", "-L", "root", "-d", str(tree), str(work / "rootfs.ext4"),
+                        f"{size_mib}M"], check=True)
+        info = {"deb": deb.name, "kernel": vmlinuz.name, "packages": PACKAGES}
+        (work / "info.json").write_text(json.dumps(info, indent=2))
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
+    shutil.rmtree(hooks, ignore_errors=True)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(work, target)
+    return Image(target)
+
+
+if __name__ == "__main__":
+    print(build().dir)

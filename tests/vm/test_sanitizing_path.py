@@ -1,0 +1,142 @@
+"""The sanitizing path in real QEMU guests (TCG): killcord's .deb installed into a fresh
+bookworm system; its initramfs wipes and powers off in wipe mode; the poweroff fallback
+returns into the shutdown root and says what it let go of.
+
+Each test writes what it measured to out/vm/<test>.json and the console to out/vm/<test>.log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from .image import ROOT, Image, build, find_deb
+from .qemu import Guest
+
+OUT = ROOT / "out" / "vm"
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mmdebstrap builds the guest (CI runs as root)"),
+]
+
+
+@pytest.fixture(scope="session")
+def image() -> Image:
+    try:
+        deb = find_deb()
+    except FileNotFoundError:
+        subprocess.run(["make", "-C", str(ROOT), "deb"], check=True)
+        deb = find_deb()
+    OUT.mkdir(parents=True, exist_ok=True)
+    return build(deb)
+
+
+def record(name: str, data: dict) -> None:
+    (OUT / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+
+
+def test_package_puts_the_hook_in_the_initramfs_and_goes_live(image: Image) -> None:
+    files = set(image.initrd_files)
+    assert "usr/lib/killcord/killcord-wipe" in files
+    assert "scripts/init-top/killcord" in files
+    assert any(f.endswith("bin/busybox") for f in files)
+    config = tomllib.loads(image.config_text)
+    assert config["mode"] == "live"
+
+
+def test_wipe_mode_wipes_reports_and_powers_off(image: Image) -> None:
+    append = "console=ttyS0 quiet killcord.wipe=1 init_on_free=1"
+    with Guest(["-kernel", str(image.vmlinux), "-initrd", str(image.initrd), "-append", append],
+               memory_mib=1024, log=OUT / "wipe-mode.log") as g:
+        _, start = g.wait_for(r"killcord-wipe: start: (\d+) MiB free of (\d+) MiB, reserve (\d+) MiB", 180)
+        _, done = g.wait_for(r"killcord-wipe: wiped \d+ MiB", 180)
+        g.wait_for(r"killcord: wipe finished \(exit 0\), poweroff now", 60)
+        rc = g.wait_exit(60)  # the guest powered itself off
+    free, total, reserve = map(int, re.search(r"(\d+) MiB free of (\d+) MiB, reserve (\d+)", start.text).groups())
+    m = re.search(r"wiped (\d+) MiB by (\w+) in ([\d.]+) s \((\d+) MiB/s\); sample ok: (.*)$", done.text)
+    assert m, done.text
+    wiped, method, seconds, rate, sample = int(m[1]), m[2], float(m[3]), int(m[4]), m[5]
+    assert rc == 0
+    assert sample == "yes"
+    assert wiped >= free - reserve - 64  # all free memory but the reserve (one chunk of slack)
+    assert method == "fallocate"  # the target runs with init_on_alloc=1: the kernel zeroes each page
+    record("wipe-mode", {"guest_mib": total, "free_mib": free, "reserve_mib": reserve, "wiped_mib": wiped,
+                         "method": method, "seconds": seconds, "mib_per_s": rate, "powered_off": rc == 0})
+
+
+def test_fallback_without_kexec_goes_through_the_shutdown_root(image: Image, tmp_path: Path) -> None:
+    overlay = tmp_path / "root.qcow2"  # the cached image stays pristine
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image.rootfs), str(overlay)],
+                   check=True)
+    # kexec_load_disabled=1 from boot, as Tails sets it: killcord cannot stage, so it must fall back
+    append = ("root=/dev/vda rw console=ttyS0 init_on_free=1 killcord_ci=panic "
+              "sysctl.kernel.kexec_load_disabled=1 systemd.show_status=0")
+    with Guest(["-kernel", str(image.vmlinux), "-initrd", str(image.initrd), "-append", append,
+                "-drive", f"file={overlay},format=qcow2,if=virtio"],
+               memory_mib=1024, log=OUT / "fallback.log") as g:
+        i, armed = g.wait_for(r"killcord-ci: armed", 400)
+        assert '"loaded": false' in armed.text  # nothing staged
+        i, _ = g.wait_for(r"killcord-ci: dm-crypt open: .*ci-secret", 60, i)
+        i, fire = g.wait_for(r"killcord: fire ", 60, i)
+        i, kexec = g.wait_for(r"killcord: stage .*stage=kexec", 60, i)
+        assert "outcome=skipped" in kexec.text
+        i, unmounted = g.wait_for(r"killcord-shutdown: unmounted:", 180, i)
+        i, closed = g.wait_for(r"killcord-shutdown: closed dm-crypt:", 60, i)
+        i, dropped = g.wait_for(r"killcord-shutdown: dropped caches: free \d+ -> \d+ MiB", 60, i)
+        i, wiped = g.wait_for(r"killcord-wipe: wiped \d+ MiB .*sample ok: yes", 120, i)
+        g.wait_for(r"killcord-shutdown: done, poweroff", 60, i)
+        rc = g.wait_exit(60)
+        console = g.text()
+    assert rc == 0
+    assert "/oldroot" in unmounted.text or "could not unmount" in console
+    assert "could not close dm-crypt" not in console
+    record("fallback", {
+        "kexec_staged": False,
+        "unmounted": unmounted.text.split("unmounted:", 1)[1].split(),
+        "closed": closed.text.split("dm-crypt:", 1)[1].split(),
+        "dropped": dropped.text.split("dropped caches: ", 1)[1],
+        "wipe": wiped.text.split("killcord-wipe: ", 1)[1],
+        "fire_to_poweroff_s": round(g.lines[-1].at - fire.at, 2),
+        "powered_off": rc == 0,
+    })
+
+
+def test_panic_kexecs_into_the_wipe_kernel(image: Image, tmp_path: Path) -> None:
+    """The whole path: killcord stages the kexec at arm time, panic kills, audits and jumps
+    with reboot(2); the second kernel's initramfs wipes and powers off."""
+    overlay = tmp_path / "root.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image.rootfs), str(overlay)],
+                   check=True)
+    append = "root=/dev/vda rw console=ttyS0 init_on_free=1 killcord_ci=panic systemd.show_status=0 mem=900M"
+    with Guest(["-kernel", str(image.vmlinux), "-initrd", str(image.initrd), "-append", append,
+                "-drive", f"file={overlay},format=qcow2,if=virtio"],
+               memory_mib=1024, log=OUT / "kexec.log") as g:
+        i, armed = g.wait_for(r"killcord-ci: armed", 400)
+        assert '"loaded": true' in armed.text  # staged at arm time
+        i, fire = g.wait_for(r"killcord: fire ", 60, i)
+        i, kill = g.wait_for(r"killcord: stage .*stage=kill", 60, i)
+        i, jump = g.wait_for(r"kexec_core: Starting new kernel", 60, i)
+        i, cmdline = g.wait_for(r"Command line: ", 120, i)  # the second kernel
+        i, start = g.wait_for(r"killcord-wipe: start", 180, i)
+        i, wiped = g.wait_for(r"killcord-wipe: wiped \d+ MiB .*sample ok: yes", 180, i)
+        g.wait_for(r"killcord: wipe finished \(exit 0\), poweroff now", 60, i)
+        rc = g.wait_exit(60)
+    assert rc == 0
+    assert "outcome=done" in kill.text
+    target = cmdline.text.split("Command line: ", 1)[1].split()
+    assert target[-2:] == ["init_on_free=1", "killcord.wipe=1"]  # ours last
+    assert not any(t.startswith("mem=") for t in target)  # sanitized: mem= would keep RAM unwiped
+    record("kexec", {
+        "fire_to_kexec_ms": round((jump.at - fire.at) * 1000, 1),
+        "fire_to_wiped_s": round(wiped.at - fire.at, 2),
+        "target_cmdline": " ".join(target),
+        "wipe": wiped.text.split("killcord-wipe: ", 1)[1],
+        "powered_off": rc == 0,
+    })
