@@ -3,9 +3,9 @@ SHELL := /bin/bash
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libsystemd-dev util-linux e2fsprogs \
-                qemu-system-x86 qemu-utils mmdebstrap
+                qemu-system-x86 qemu-utils mmdebstrap squashfs-tools
 
-.PHONY: setup test test-unit demo bench clean deb
+.PHONY: setup test test-unit test-vm-all demo demo-dry bench clean deb
 
 $(VENV)/.installed: pyproject.toml
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -22,10 +22,16 @@ setup: $(VENV)/.installed   ## system packages (root) + .venv with killcord and 
 test: setup deb             ## the whole suite, QEMU guests included (root; minutes under TCG)
 	$(PY) -m pytest -q
 
+test-vm-all: setup deb      ## every QEMU scenario, each writing out/vm/<scenario>.json
+	$(PY) -m pytest -q -m vm tests/vm
+
 test-unit: setup            ## everything but the QEMU guests (seconds)
 	$(PY) -m pytest -q -m "not vm"
 
-demo: setup                 ## dry-run demo: arm on a loop device, pull it, show what fired
+demo: setup deb             ## the main job: a live system in QEMU, memory filled, stick pulled, what survived
+	$(PY) scripts/demo.py
+
+demo-dry: setup             ## on this machine, dry-run: arm on a loop device, remove it, show what fired
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/demo.sh
 
 bench: setup                ## trigger latency benchmark -> out/bench/latency.json

@@ -109,9 +109,11 @@ class Firer:
         return Outcome.DONE, {"record": str(path), "slabinfo_bytes": len(snapshot)}
 
     def kexec(self, deadline: float) -> tuple[Outcome, dict[str, object]]:
-        if self.live and self._printk_fd is not None:
-            # under `quiet`, let "kexec_core: Starting new kernel" reach the console
-            _write(self._printk_fd, b"7")
+        if self.live and self.staged.loaded:
+            if self._printk_fd is not None:
+                # under `quiet`, let "kexec_core: Starting new kernel" reach the console
+                _write(self._printk_fd, b"7")
+            log.critical("kexec", kernel=self.staged.kernel)  # the last word before the jump
         return kexec.execute(self.staged, self.live)
 
     def poweroff(self, deadline: float) -> tuple[Outcome, dict[str, object]]:

@@ -25,40 +25,10 @@ CACHE = ROOT / ".cache" / "vm"
 SUITE = "bookworm"
 PACKAGES = [
     "systemd-sysv", "udev", "linux-image-amd64", "initramfs-tools", "busybox", "dmsetup",
-    "kexec-tools", "memlockd", "procps", "kmod",
+    "kexec-tools", "memlockd", "procps", "kmod", "live-boot", "cryptsetup-bin", "e2fsprogs",
 ]
 
-# Test-only layer: inert unless the kernel command line asks for it (killcord_ci=panic).
-CI_UNIT = """\
-[Unit]
-Description=killcord CI: once killcord is armed, open a dm-crypt mapping, then panic
-ConditionKernelCommandLine=killcord_ci=panic
-After=killcord.service
-
-[Service]
-Type=oneshot
-ExecStart=/usr/local/sbin/killcord-ci-panic
-
-[Install]
-WantedBy=multi-user.target
-"""
-CI_SCRIPT = """\
-#!/bin/sh
-# what a user's session would hold: a dm-crypt mapping with a key in the kernel
-say() { echo "<2>killcord-ci: $*" > /dev/kmsg; }
-until killcord status --json 2>/dev/null | grep -q '"state": "armed"'; do sleep 1; done
-say "armed: $(killcord status --json | grep -o '"loaded": [a-z]*' | head -1)"
-say "shutdown root: prepare $(systemctl is-active killcord-shutdown-prepare.service), $(ls /run/initramfs | tr '\\n' ' ')"
-journalctl -b -u killcord-shutdown-prepare.service --no-pager -o cat | while read -r l; do say "prepare: $l"; done
-modprobe dm-crypt
-truncate -s 16M /run/ci-disk.img
-dev=$(losetup --find --show /run/ci-disk.img)
-key=$(od -An -tx1 -N64 /dev/urandom | tr -d ' \\n')
-dmsetup create ci-secret -u CRYPT-PLAIN-ci-secret --table "0 32768 crypt aes-xts-plain64 $key 0 $dev 0"
-say "dm-crypt open: $(ls /dev/mapper | tr '\\n' ' ')"
-say "panic"
-killcord panic
-"""
+GUEST = Path(__file__).resolve().parent / "guest"  # test-only files, inert unless killcord_ci=...
 
 
 @dataclass(frozen=True)
@@ -80,6 +50,12 @@ class Image:
     @property
     def rootfs(self) -> Path:
         return self.dir / "rootfs.ext4"
+
+    @property
+    def stick(self) -> Path:
+        """A Tails-like live USB stick: ext4 with live/vmlinuz, live/initrd.img and the
+        root as live/filesystem.squashfs (live-boot finds it by itself)."""
+        return self.dir / "stick.img"
 
     @property
     def initrd_files(self) -> list[str]:
@@ -108,6 +84,8 @@ def cache_key(deb: Path) -> str:
     h.update(deb.read_bytes())
     h.update(json.dumps([SUITE, PACKAGES]).encode())
     h.update(Path(__file__).read_bytes())
+    for f in sorted(GUEST.iterdir()):
+        h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -130,22 +108,21 @@ def build(deb: Path | None = None, cache: Path = CACHE, log=sys.stderr) -> Image
     work = Path(tempfile.mkdtemp(prefix="build-", dir=cache))
     tree = work / "tree"
     hooks = work / "hooks"
-    hooks.mkdir()
-    (hooks / "killcord-ci-panic.service").write_text(CI_UNIT)
-    (hooks / "killcord-ci-panic").write_text(CI_SCRIPT)
+    shutil.copytree(GUEST, hooks)
     shutil.copy(deb, hooks / "killcord.deb")
+    units = sorted(p.name for p in GUEST.glob("*.service"))
     customize = [
         f'copy-in {hooks}/killcord.deb /tmp',
         'chroot "$1" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q /tmp/killcord.deb',
         'rm -f "$1/tmp/killcord.deb"',
-        f'copy-in {hooks}/killcord-ci-panic /usr/local/sbin',
-        'chmod 0755 "$1/usr/local/sbin/killcord-ci-panic"',
-        f'copy-in {hooks}/killcord-ci-panic.service /etc/systemd/system',
-        'chroot "$1" systemctl enable killcord-ci-panic.service',
+        f'copy-in {" ".join(f"{hooks}/{p.name}" for p in GUEST.iterdir() if p.suffix != ".service")} /usr/local/sbin',
+        'chmod 0755 "$1"/usr/local/sbin/*',
+        f'copy-in {" ".join(f"{hooks}/{u}" for u in units)} /etc/systemd/system',
+        f'chroot "$1" systemctl enable {" ".join(units)}',
         # a clean console for the tests that read it
-        'chroot "$1" systemctl mask serial-getty@ttyS0.service getty@tty1.service',
+        'chroot "$1" systemctl mask serial-getty@ttyS0.service serial-getty@ttyS1.service getty@tty1.service',
         'echo killcord-test > "$1/etc/hostname"',
-        'printf "/dev/vda / ext4 rw 0 1\\n" > "$1/etc/fstab"',
+        'chroot "$1" useradd --create-home --shell /bin/sh user',
         f'chroot "$1" sh -c "lsinitramfs /boot/initrd.img-*" > {work}/initrd-files.txt',
     ]
     cmd = ["mmdebstrap", "--variant=apt", "--mode=root", "--format=directory",
@@ -166,6 +143,19 @@ def build(deb: Path | None = None, cache: Path = CACHE, log=sys.stderr) -> Image
                                       text=True).stdout.split()[0]) + 512
         subprocess.run(["mkfs.ext4", "-q", "-L", "root", "-d", str(tree), str(work / "rootfs.ext4"),
                         f"{size_mib}M"], check=True)
+        # the live stick: zstd at level 6 is 10x faster than the default for 5 % more size
+        live = work / "stick" / "live"
+        live.mkdir(parents=True)
+        subprocess.run(["mksquashfs", str(tree), str(live / "filesystem.squashfs"), "-comp", "zstd",
+                        "-Xcompression-level", "6", "-noappend", "-quiet", "-no-progress", "-e", "boot"],
+                       check=True, stdout=log)
+        shutil.copy(work / "vmlinuz", live / "vmlinuz")
+        shutil.copy(work / "initrd.img", live / "initrd.img")
+        stick_mib = int(subprocess.run(["du", "-sm", str(work / "stick")], check=True, capture_output=True,
+                                       text=True).stdout.split()[0]) + 64
+        subprocess.run(["mkfs.ext4", "-q", "-L", "KILLCORD", "-d", str(work / "stick"), str(work / "stick.img"),
+                        f"{stick_mib}M"], check=True)
+        shutil.rmtree(work / "stick")
         info = {"deb": deb.name, "kernel": vmlinuz.name, "packages": PACKAGES}
         (work / "info.json").write_text(json.dumps(info, indent=2))
     finally:

@@ -25,9 +25,16 @@ class Line:
 
 
 class Guest:
-    def __init__(self, args: list[str], memory_mib: int = 1024, cpus: int = 1, log: Path | None = None) -> None:
+    def __init__(self, args: list[str], memory_mib: int = 1024, cpus: int = 1, log: Path | None = None,
+                 agent: bool = False, stop_on_poweroff: bool = False) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="killcord-vm-"))
         self.qmp_path = self.tmp / "qmp.sock"
+        self.agent_path = self.tmp / "agent.sock"
+        extra: list[str] = []
+        if agent:  # ttyS1: the guest's test agent (tests/vm/guest/killcord-agent)
+            extra += ["-serial", f"unix:{self.agent_path},server=on,wait=off"]
+        if stop_on_poweroff:  # the guest's poweroff stops the VM: its RAM can still be dumped
+            extra += ["-no-shutdown"]
         self.log_path = log
         self.lines: list[Line] = []
         self._cond = threading.Condition()
@@ -36,7 +43,7 @@ class Guest:
             "-accel", "tcg", "-machine", "q35", "-cpu", "qemu64", "-smp", str(cpus), "-m", str(memory_mib),
             "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-            *args,
+            *extra, *args,
         ]
         self.started = time.monotonic()
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -45,6 +52,9 @@ class Guest:
         self._reader.start()
         self._qmp: socket.socket | None = None
         self._qmp_file = None
+        self._agent: socket.socket | None = None
+        self._agent_buf = b""
+        self._agent_id = 0
 
     # ---- console ----
 
@@ -132,6 +142,94 @@ class Guest:
                 raise RuntimeError(f"QMP {msg.get('execute')}: {reply['error']}")
             return reply.get("return", {})
 
+    def status(self) -> str:
+        return str(self.qmp("query-status")["status"])
+
+    def wait_status(self, status: str, timeout: float, poll: float = 0.05) -> float:
+        """Wait until QMP reports `status` (e.g. "shutdown" after the guest's own poweroff
+        with stop_on_poweroff); returns the host time it was first seen."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.status() == status:
+                return time.monotonic()
+            time.sleep(poll)
+        raise TimeoutError(f"guest not in status {status!r} after {timeout} s (is {self.status()!r}); "
+                           "console tail:\n" + "\n".join(l.text for l in self.lines[-30:]))
+
+    def count_in_memory(self, pattern: bytes) -> int:
+        """Dump guest RAM (QMP dump-guest-memory, to RAM on the host) and count every
+        occurrence of the pattern (occurrences, not lines)."""
+        path = Path(tempfile.mkstemp(prefix="killcord-dump-", dir="/dev/shm")[1])
+        try:
+            self.qmp("dump-guest-memory", paging=False, protocol=f"file:{path}")
+            with open(path, "rb") as f:
+                return f.read().count(pattern)
+        finally:
+            path.unlink(missing_ok=True)
+
+    # ---- the agent on ttyS1 ----
+
+    def _agent_line(self, timeout: float) -> dict | None:
+        assert self._agent is not None
+        end = time.monotonic() + timeout
+        while b"\n" not in self._agent_buf:
+            left = end - time.monotonic()
+            if left <= 0:
+                return None
+            self._agent.settimeout(left)
+            try:
+                chunk = self._agent.recv(65536)
+            except TimeoutError:
+                return None
+            if not chunk:
+                raise RuntimeError("agent connection closed")
+            self._agent_buf += chunk
+        line, self._agent_buf = self._agent_buf.split(b"\n", 1)
+        try:
+            return json.loads(line)
+        except ValueError:
+            return {}
+
+    def wait_agent(self, timeout: float) -> float:
+        """Until the guest's agent answers; returns the host time it did."""
+        end = time.monotonic() + timeout
+        while self._agent is None:
+            try:
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(str(self.agent_path))
+                self._agent = s
+            except OSError:
+                s.close()
+                if time.monotonic() > end:
+                    raise TimeoutError("agent socket never appeared") from None
+                time.sleep(0.2)
+        while time.monotonic() < end:
+            self._agent_id += 1
+            self._agent.sendall(json.dumps({"id": self._agent_id, "cmd": "true"}).encode() + b"\n")
+            reply = self._agent_line(2.0)
+            while reply is not None and reply.get("id") != self._agent_id:
+                reply = self._agent_line(0.5)
+            if reply is not None:
+                return time.monotonic()
+            if self.proc.poll() is not None:
+                break
+        raise TimeoutError("the guest agent did not answer; console tail:\n"
+                           + "\n".join(l.text for l in self.lines[-30:]))
+
+    def run(self, cmd: str, timeout: float = 120.0, check: bool = True) -> dict:
+        """Run a shell command in the guest (as root) through the agent."""
+        assert self._agent is not None, "wait_agent() first"
+        self._agent_id += 1
+        self._agent.sendall(json.dumps({"id": self._agent_id, "cmd": cmd, "timeout": timeout}).encode() + b"\n")
+        end = time.monotonic() + timeout + 10
+        while time.monotonic() < end:
+            reply = self._agent_line(end - time.monotonic())
+            if reply is not None and reply.get("id") == self._agent_id:
+                if check and reply["rc"] != 0:
+                    raise RuntimeError(f"guest command failed ({reply['rc']}): {cmd}\n{reply['out']}{reply['err']}")
+                return reply
+        raise TimeoutError(f"guest command did not answer in {timeout} s: {cmd}")
+
     # ---- the end ----
 
     def kill(self) -> None:
@@ -141,8 +239,9 @@ class Guest:
             except ProcessLookupError:
                 pass
             self.proc.wait(10)
-        if self._qmp is not None:
-            self._qmp.close()
+        for s in (self._qmp, self._agent):
+            if s is not None:
+                s.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> Guest:

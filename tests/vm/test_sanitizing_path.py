@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .image import ROOT, Image, build, find_deb
+from .image import ROOT, Image
 from .qemu import Guest
 
 OUT = ROOT / "out" / "vm"
@@ -25,17 +25,6 @@ pytestmark = [
     pytest.mark.vm,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mmdebstrap builds the guest (CI runs as root)"),
 ]
-
-
-@pytest.fixture(scope="session")
-def image() -> Image:
-    try:
-        deb = find_deb()
-    except FileNotFoundError:
-        subprocess.run(["make", "-C", str(ROOT), "deb"], check=True)
-        deb = find_deb()
-    OUT.mkdir(parents=True, exist_ok=True)
-    return build(deb)
 
 
 def record(name: str, data: dict) -> None:
