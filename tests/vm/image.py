@@ -25,7 +25,7 @@ CACHE = ROOT / ".cache" / "vm"
 SUITE = "bookworm"
 PACKAGES = [
     "systemd-sysv", "udev", "linux-image-amd64", "initramfs-tools", "busybox", "dmsetup",
-    "kexec-tools", "memlockd", "procps", "kmod", "live-boot", "cryptsetup-bin", "e2fsprogs",
+    "kexec-tools", "memlockd", "procps", "kmod", "live-boot", "cryptsetup-bin", "e2fsprogs", "dosfstools",
 ]
 
 GUEST = Path(__file__).resolve().parent / "guest"  # test-only files, inert unless killcord_ci=...

@@ -177,3 +177,66 @@ def test_e_luks_caches_and_volume_key_are_gone(image: Image, tmp_path: Path) -> 
     result.notes.update(volume_key_half_copies_before=key_before, volume_key_half_copies_after=key_after)
     check_wiped(result)
     assert key_after == [0, 0]
+
+
+# ---- the extended scenarios: `make test-vm-all` (CI runs a, e, f, g, h and the anti-test) ----
+
+def fill_file(g, pattern: bytes, path: str, mib: int = 64) -> int:
+    copies = mib * 1024 * 1024 // len(pattern)
+    g.run(f"python3 -c \"open('{path}', 'wb').write(bytes.fromhex('{pattern.hex()}') * {copies})\"")
+    return copies * len(pattern)
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize(("scenario", "path"), [("b-tmpfs", "/dev/shm/secret"), ("c-overlay-root", "/root/secret")])
+def test_bc_files_in_ram_file_systems_are_wiped(image: Image, scenario: str, path: str) -> None:
+    result, pattern = live.Result(scenario), live.new_pattern()
+    with live.boot(image, OUT / f"{scenario}.log") as g:
+        live.wait_armed(g)
+        result.free_bytes_before_fill = live.mem_free_bytes(g)
+        result.pattern_bytes_written = fill_file(g, pattern, path)
+        result.pattern_bytes_found_before = g.count_in_memory(pattern) * len(pattern)
+        assert result.pattern_bytes_found_before >= 0.99 * result.pattern_bytes_written, result.as_dict()
+        live.trigger_and_measure(g, result, pattern, live.unplug_stick(g))
+    check_wiped(result)
+
+
+@pytest.mark.extended
+def test_d_vfat_drive_caches_are_wiped(image: Image, tmp_path: Path) -> None:
+    disk = tmp_path / "vfat.img"
+    subprocess.run(["truncate", "-s", "96M", str(disk)], check=True)
+    extra = ["-drive", f"if=none,id=vfatdrive,format=raw,file={disk}",
+             "-device", "usb-storage,bus=xhci.0,drive=vfatdrive,id=vfat,removable=on"]
+    result, pattern = live.Result("d-vfat"), live.new_pattern()
+    with live.boot(image, OUT / "d-vfat.log", extra_args=extra) as g:
+        live.wait_armed(g)
+        result.free_bytes_before_fill = live.mem_free_bytes(g)
+        dev = "/dev/" + g.run("lsblk -bdno NAME,SIZE | awk '$2 == 100663296 { print $1 }'")["out"].strip()
+        g.run(f"mkfs.vfat -I {dev} >/dev/null && mkdir -p /mnt/vfat && mount -t vfat {dev} /mnt/vfat")
+        # read cache: written, flushed, dropped, read back; write cache: written, not flushed
+        written = fill_file(g, pattern, "/mnt/vfat/read-cache", 16)
+        g.run("sync && echo 3 > /proc/sys/vm/drop_caches && cat /mnt/vfat/read-cache > /dev/null")
+        written += fill_file(g, pattern, "/mnt/vfat/write-cache", 16)
+        result.pattern_bytes_written = written
+        result.pattern_bytes_found_before = g.count_in_memory(pattern) * len(pattern)
+        assert result.pattern_bytes_found_before >= 0.99 * result.pattern_bytes_written, result.as_dict()
+        live.trigger_and_measure(g, result, pattern, live.unplug_stick(g))
+    check_wiped(result)
+
+
+@pytest.mark.extended
+def test_i_stick_pulled_while_killcord_restarts_fires_when_it_is_back(image: Image) -> None:
+    result, pattern = live.Result("i-restart"), live.new_pattern()
+    with live.boot(image, OUT / "i-restart.log") as g:
+        live.wait_armed(g)
+        fill_and_control(g, result, pattern)
+
+        def pull_while_down() -> None:
+            g.run("systemctl kill --signal=KILL killcord.service")  # systemd restarts it (Restart=always)
+            g.qmp("device_del", id="stick")
+
+        live.trigger_and_measure(g, result, pattern, pull_while_down)
+        console = g.text()
+    assert "killcord: fire trigger=medium absent" in console or "killcord: fire trigger=uevent" in console
+    check_wiped(result)
+
