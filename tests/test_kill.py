@@ -85,11 +85,13 @@ def sleeper() -> Iterator[subprocess.Popen[bytes]]:
 # ---- /proc parsing ----
 
 
-def _stat_line(pid: int, comm: bytes, state: bytes, ppid: int, flags: int, threads: int) -> bytes:
-    # fields 3..52; 4=ppid, 9=flags, 20=num_threads, the rest filler
+def _stat_line(pid: int, comm: bytes, state: bytes, ppid: int, flags: int, threads: int,
+               starttime: int = 0) -> bytes:
+    # fields 3..52; 4=ppid, 9=flags, 20=num_threads, 22=starttime, the rest filler
     rest = [state, str(ppid).encode()] + [b"0"] * 48
     rest[6] = str(flags).encode()
     rest[17] = str(threads).encode()
+    rest[19] = str(starttime).encode()
     return b"%d (%s) " % (pid, comm) + b" ".join(rest) + b"\n"
 
 
@@ -250,6 +252,24 @@ def test_targets_rules_on_a_fake_proc(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(kill, "_PROC", str(tmp_path))
     assert sorted(kill.targets(own_pid=10)) == [11, 14, 15]
     assert sorted(kill.targets(own_pid=11)) == [10, 14, 15]
+
+
+def test_services_pid1_restarts_after_the_kill_began_are_not_chased(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # systemd restarts killed services while the kill runs: a child of PID 1 born after
+    # the cutoff is fresh (the next stage ends it); an older one, or anyone's child, is not
+    _fake_proc(tmp_path, {
+        1: _stat_line(1, b"systemd", b"S", 0, 0x400100, 1, starttime=1),
+        20: _stat_line(20, b"journald", b"S", 1, 0x400100, 1, starttime=500),  # respawned
+        21: _stat_line(21, b"sshd", b"S", 1, 0x400100, 1, starttime=90),  # was there
+        22: _stat_line(22, b"late child", b"S", 21, 0x400100, 1, starttime=600),  # not PID 1's
+        23: _stat_line(23, b"killcord", b"R", 1, 0x400000, 1, starttime=80),
+    })
+    monkeypatch.setattr(kill, "_PROC", str(tmp_path))
+    assert sorted(kill._scan(23, respawn_after=100)) == [21, 22]
+    assert sorted(kill._scan(23)) == [20, 21, 22]
+    assert kill.parse_stat(_stat_line(7, b"x", b"S", 1, 0, 1, starttime=12345)).starttime == 12345
 
 
 def test_targets_in_a_pid_namespace_pid2_is_ordinary(

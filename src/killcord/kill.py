@@ -42,6 +42,7 @@ class StatFields(NamedTuple):
     ppid: int
     flags: int
     num_threads: int
+    starttime: int = 0  # clock ticks after boot (CLOCK_BOOTTIME)
 
 
 def parse_stat(line: bytes | str) -> StatFields:
@@ -67,7 +68,11 @@ def parse_stat(line: bytes | str) -> StatFields:
         ppid=int(fields[1]),
         flags=int(fields[6]),
         num_threads=int(fields[17]),
+        starttime=int(fields[19]) if len(fields) > 19 else 0,
     )
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def _read_stat(pid: int) -> StatFields | None:
@@ -94,8 +99,13 @@ def _is_dead(st: StatFields) -> bool:
     return ord(st.state) in _DEAD_STATES and st.num_threads <= 1
 
 
-def _scan(own_pid: int) -> list[int]:
-    """Live target PIDs, in /proc order. Raises OSError only if /proc itself is unreadable."""
+def _scan(own_pid: int, respawn_after: int | None = None) -> list[int]:
+    """Live target PIDs, in /proc order. Raises OSError only if /proc itself is unreadable.
+
+    respawn_after (clock ticks after boot): a child of PID 1 started later than that is a
+    service PID 1 restarted while we kill, not a survivor: fresh, it holds nothing, and the
+    next stage ends it. Everyone else was stopped before it could fork (kill(-1, SIGSTOP)
+    also reaches children forked during the broadcast), so nothing else can be born then."""
     # ppid == 2 marks a kernel thread only when pid 2 really is kthreadd: inside a PID
     # namespace pid 2 is an ordinary process whose children must die.
     kthreadd = _read_stat(KTHREADD_PID)
@@ -111,6 +121,8 @@ def _scan(own_pid: int) -> list[int]:
                 continue
             st = _read_stat(pid)
             if st is None or st.flags & PF_KTHREAD or _is_dead(st):
+                continue
+            if respawn_after is not None and st.ppid == 1 and st.starttime > respawn_after:
                 continue
             if kthreadd_is_kernel and (pid == KTHREADD_PID or st.ppid == KTHREADD_PID):
                 continue
@@ -135,7 +147,7 @@ class KillReport:
     duration_ms: float
 
     def as_dict(self) -> dict[str, object]:
-        return {
+        d: dict[str, object] = {
             "outcome": str(self.outcome),
             "targets": self.targets,
             "killed": self.killed,
@@ -143,6 +155,23 @@ class KillReport:
             "rounds": self.rounds,
             "duration_ms": round(self.duration_ms, 3),
         }
+        if self.outcome is not Outcome.DRY and self.remaining:
+            d["stuck"] = describe(self.remaining)
+        return d
+
+
+def describe(pids: tuple[int, ...], limit: int = 8) -> dict[str, str]:
+    """"comm (state)" of processes a kill left: D (uninterruptible sleep) is the kernel's
+    doing, anything else would be ours to explain."""
+    out: dict[str, str] = {}
+    for pid in pids[:limit]:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                st = parse_stat(f.read())
+            out[str(pid)] = f"{st.comm.decode(errors='replace')} ({st.state}, {st.num_threads} threads)"
+        except (OSError, ValueError):
+            out[str(pid)] = "gone"
+    return out
 
 
 def _broadcast(send: Callable[[int, int], None], sig: int) -> None:
@@ -211,7 +240,14 @@ def _run(
         time.sleep(_SWEEP_PAUSE_S)
 
 
+def boot_ticks() -> int:
+    """Now, in the unit of /proc/PID/stat's starttime."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLK_TCK)
+
+
 def kill_all(deadline: float, live: bool) -> KillReport:
     """deadline is a time.monotonic() value."""
     own = os.getpid()
-    return _run(deadline, live, os.kill, lambda: _scan(own))
+    # one tick of margin: what is born while the broadcasts run is still a target
+    respawn_after = boot_ticks() + 1
+    return _run(deadline, live, os.kill, lambda: _scan(own, respawn_after))
