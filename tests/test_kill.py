@@ -257,17 +257,18 @@ def test_targets_rules_on_a_fake_proc(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_services_pid1_restarts_after_the_kill_began_are_not_chased(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # systemd restarts killed services while the kill runs: a child of PID 1 born after
-    # the cutoff is fresh (the next stage ends it); an older one, or anyone's child, is not
+    # systemd restarts killed services while the kill runs (and they start children): what
+    # is born after the cutoff is fresh (the next stage ends it); what is older must die
     _fake_proc(tmp_path, {
         1: _stat_line(1, b"systemd", b"S", 0, 0x400100, 1, starttime=1),
         20: _stat_line(20, b"journald", b"S", 1, 0x400100, 1, starttime=500),  # respawned
         21: _stat_line(21, b"sshd", b"S", 1, 0x400100, 1, starttime=90),  # was there
-        22: _stat_line(22, b"late child", b"S", 21, 0x400100, 1, starttime=600),  # not PID 1's
+        22: _stat_line(22, b"ldd", b"S", 20, 0x400100, 1, starttime=600),  # the respawn's child
         23: _stat_line(23, b"killcord", b"R", 1, 0x400000, 1, starttime=80),
     })
     monkeypatch.setattr(kill, "_PROC", str(tmp_path))
-    assert sorted(kill._scan(23, respawn_after=100)) == [21, 22]
+    # what was there before the cutoff dies; what PID 1 (or a respawn) started since is fresh
+    assert sorted(kill._scan(23, respawn_after=100)) == [21]
     assert sorted(kill._scan(23)) == [20, 21, 22]
     assert kill.parse_stat(_stat_line(7, b"x", b"S", 1, 0, 1, starttime=12345)).starttime == 12345
 

@@ -30,6 +30,9 @@ _STAT_READ = 4096
 # Pause between straggler sweeps: long enough to let SIGKILLed tasks finish exiting,
 # short enough to keep the loop tight.
 _SWEEP_PAUSE_S = 0.0002
+# The pause doubles each sweep up to this: the dying need the CPU to finish exiting (freeing,
+# and zeroing under init_on_free, their memory); a tight rescan loop would starve them.
+_SWEEP_PAUSE_MAX_S = 0.02
 _DEAD_STATES = frozenset(b"ZXx")  # zombie / dead (x: pre-4.14 spelling)
 
 
@@ -102,10 +105,10 @@ def _is_dead(st: StatFields) -> bool:
 def _scan(own_pid: int, respawn_after: int | None = None) -> list[int]:
     """Live target PIDs, in /proc order. Raises OSError only if /proc itself is unreadable.
 
-    respawn_after (clock ticks after boot): a child of PID 1 started later than that is a
-    service PID 1 restarted while we kill, not a survivor: fresh, it holds nothing, and the
-    next stage ends it. Everyone else was stopped before it could fork (kill(-1, SIGSTOP)
-    also reaches children forked during the broadcast), so nothing else can be born then."""
+    respawn_after (clock ticks after boot): a process started later than that is a service
+    PID 1 restarted while we kill (or a child of one), not a survivor: fresh, it holds
+    nothing, and the next stage ends it. Everyone else was stopped before it could fork
+    (kill(-1, SIGSTOP) also reaches children forked during the broadcast)."""
     # ppid == 2 marks a kernel thread only when pid 2 really is kthreadd: inside a PID
     # namespace pid 2 is an ordinary process whose children must die.
     kthreadd = _read_stat(KTHREADD_PID)
@@ -122,7 +125,7 @@ def _scan(own_pid: int, respawn_after: int | None = None) -> list[int]:
             st = _read_stat(pid)
             if st is None or st.flags & PF_KTHREAD or _is_dead(st):
                 continue
-            if respawn_after is not None and st.ppid == 1 and st.starttime > respawn_after:
+            if respawn_after is not None and st.starttime > respawn_after:
                 continue
             if kthreadd_is_kernel and (pid == KTHREADD_PID or st.ppid == KTHREADD_PID):
                 continue
@@ -237,7 +240,7 @@ def _run(
         rounds += 1
         if denied == len(left):  # retrying cannot help: every straggler refuses us
             return report(Outcome.FAILED, first, left, rounds)
-        time.sleep(_SWEEP_PAUSE_S)
+        time.sleep(min(_SWEEP_PAUSE_MAX_S, _SWEEP_PAUSE_S * 2 ** (rounds - 2)))
 
 
 def boot_ticks() -> int:

@@ -66,8 +66,9 @@ def boot(image: Image, log: Path, append: str = "", extra_args: list[str] | None
 
 def wait_armed(g: Guest, timeout: float = 400) -> dict:
     g.wait_agent(timeout)
-    reply = g.run("for i in $(seq 240); do killcord status --json 2>/dev/null | grep -q '\"state\": \"armed\"' "
-                  "&& exit 0; sleep 0.5; done; exit 1", timeout=timeout, check=False)
+    reply = g.run("end=$(( $(date +%s) + 300 )); while [ $(date +%s) -lt $end ]; do "
+                  "killcord status --json 2>/dev/null | grep -q '\"state\": \"armed\"' && exit 0; "
+                  "sleep 0.5; done; exit 1", timeout=timeout, check=False)
     if reply["rc"] != 0:
         journal = g.run("journalctl -b -u killcord.service --no-pager -o cat | tail -40", check=False)["out"]
         raise AssertionError(f"killcord did not arm; its journal:\n{journal}")

@@ -190,6 +190,11 @@ class Guest:
         except ValueError:
             return {}
 
+    def _is_reply(self, msg: dict) -> bool:
+        # before the agent puts ttyS1 in raw mode, the line discipline echoes our requests
+        # back: an echo has our id but no rc
+        return msg.get("id") == self._agent_id and "rc" in msg
+
     def wait_agent(self, timeout: float) -> float:
         """Until the guest's agent answers; returns the host time it did."""
         end = time.monotonic() + timeout
@@ -207,7 +212,7 @@ class Guest:
             self._agent_id += 1
             self._agent.sendall(json.dumps({"id": self._agent_id, "cmd": "true"}).encode() + b"\n")
             reply = self._agent_line(2.0)
-            while reply is not None and reply.get("id") != self._agent_id:
+            while reply is not None and not self._is_reply(reply):
                 reply = self._agent_line(0.5)
             if reply is not None:
                 return time.monotonic()
@@ -224,7 +229,7 @@ class Guest:
         end = time.monotonic() + timeout + 10
         while time.monotonic() < end:
             reply = self._agent_line(end - time.monotonic())
-            if reply is not None and reply.get("id") == self._agent_id:
+            if reply is not None and self._is_reply(reply):
                 if check and reply["rc"] != 0:
                     raise RuntimeError(f"guest command failed ({reply['rc']}): {cmd}\n{reply['out']}{reply['err']}")
                 return reply

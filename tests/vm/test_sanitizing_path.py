@@ -69,7 +69,7 @@ def test_fallback_without_kexec_goes_through_the_shutdown_root(image: Image, tmp
               "sysctl.kernel.kexec_load_disabled=1 systemd.show_status=0")
     with Guest(["-kernel", str(image.vmlinux), "-initrd", str(image.initrd), "-append", append,
                 "-drive", f"file={overlay},format=qcow2,if=virtio"],
-               memory_mib=1024, log=OUT / "fallback.log") as g:
+               memory_mib=1024, cpus=2, log=OUT / "fallback.log") as g:
         i, armed = g.wait_for(r"killcord-ci: armed", 400)
         assert '"loaded": false' in armed.text  # nothing staged
         i, _ = g.wait_for(r"killcord-ci: dm-crypt open: .*ci-secret", 60, i)
@@ -106,7 +106,7 @@ def test_panic_kexecs_into_the_wipe_kernel(image: Image, tmp_path: Path) -> None
     append = "root=/dev/vda rw console=ttyS0 init_on_free=1 killcord_ci=panic systemd.show_status=0 mem=900M"
     with Guest(["-kernel", str(image.vmlinux), "-initrd", str(image.initrd), "-append", append,
                 "-drive", f"file={overlay},format=qcow2,if=virtio"],
-               memory_mib=1024, log=OUT / "kexec.log") as g:
+               memory_mib=1024, cpus=2, log=OUT / "kexec.log") as g:
         i, armed = g.wait_for(r"killcord-ci: armed", 400)
         assert '"loaded": true' in armed.text  # staged at arm time
         i, fire = g.wait_for(r"killcord: fire ", 60, i)
