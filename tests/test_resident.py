@@ -223,6 +223,15 @@ def test_memlockd_config_binary_already_mapped_gets_plus(tmp_path: Path) -> None
     assert [l for l in entries if l.removeprefix("+") == python] == ["+" + python]
 
 
+def test_memlockd_config_lists_exactly_the_firing_path() -> None:
+    # one list for the config memlockd reads and for `killcord check`'s residency check
+    path = resident.firing_path()
+    assert _entries(resident.memlockd_config()) == [("+" if libs else "") + p for p, libs in path.items()]
+    sh = os.path.realpath(shutil_which("sh"))
+    assert path[sh] is True  # a fallback binary: its libraries too
+    assert path[os.path.realpath(resident.__file__)] is False
+
+
 def test_memlockd_config_is_deterministic() -> None:
     assert resident.memlockd_config() == resident.memlockd_config()
 

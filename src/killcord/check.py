@@ -99,15 +99,6 @@ def _daemon_items(config: Config, drop_caches: bool) -> list[Item]:
     return items + [_resident_item(status, drop_caches)]
 
 
-def firing_path_files(pid: int) -> list[str]:
-    """What memlockd must hold for when the medium is gone: the files the daemon maps
-    (its interpreter and libraries, whole: memlockd locks whole files), killcord's own
-    files (for `killcord panic` without a daemon) and the fallback's binaries. The same
-    list `killcord memlock-config` writes."""
-    binaries = [b for b in (resident._resolve_binary(n) for n in resident.DEFAULT_BINARIES) if b]
-    return resident.mapped_files(str(pid)) + resident.killcord_files() + binaries
-
-
 def _resident_item(status: dict, drop_caches: bool) -> Item:
     """The daemon itself is held by mlockall (the kernel keeps VM_LOCKED pages present);
     the files it would need again are held by memlockd: mincore over them, after dropping
@@ -118,7 +109,7 @@ def _resident_item(status: dict, drop_caches: bool) -> Item:
         pid = int(status["pid"])
         if drop_caches:
             DROP_CACHES.write_text("3\n")
-        report = resident.report(firing_path_files(pid))
+        report = resident.report(list(resident.firing_path(pid=str(pid))))
         locked_kib = resident.locked_kib(str(pid))
     except (OSError, KeyError, ValueError) as exc:
         return Item("resident", False, True, f"cannot check: {exc}", "run `killcord check` as root")

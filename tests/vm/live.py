@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,18 +51,47 @@ class Result:
 
 
 def boot(image: Image, log: Path, append: str = "", extra_args: list[str] | None = None,
-         memory_mib: int = 1024) -> Guest:
+         memory_mib: int = 1024, s3: bool = False) -> Guest:
     """Boot the live system from the stick (qemu-xhci + usb-storage, id "stick"); the
-    stick's writes go to a throw-away snapshot, the cached image stays as built."""
+    stick's writes go to a throw-away snapshot, the cached image stays as built.
+
+    s3: the guest can suspend to RAM and be woken (QMP system_wakeup). It boots the
+    bzImage then: a kernel entered through QEMU's PVH entry (the faster vmlinux) resets
+    instead of resuming, SeaBIOS's jump to its wakeup vector ends in a second reset.
+    The stick is then not flagged removable: QEMU's wakeup resets every device, the
+    stick answers the next read with a Unit Attention, and Linux fails every later read
+    from a removable disk that did so ("device offline or changed"), which takes the live
+    root away. A real port mostly keeps its power through S3; this keeps the test about
+    killcord rather than about that artefact."""
+    kernel = image.vmlinuz if s3 else image.vmlinux
+    removable = "off" if s3 else "on"
+    s3_args = ["-global", "ICH9-LPC.disable_s3=0"] if s3 else []
     args = [
-        "-kernel", str(image.vmlinux), "-initrd", str(image.initrd),
+        "-kernel", str(kernel), "-initrd", str(image.initrd), *s3_args,
         "-append", f"{BASE_APPEND} {append}".strip(),
         "-device", "qemu-xhci,id=xhci",
         "-drive", f"if=none,id=stickdrive,format=raw,file={image.stick},snapshot=on",
-        "-device", "usb-storage,bus=xhci.0,drive=stickdrive,id=stick,removable=on",
+        "-device", f"usb-storage,bus=xhci.0,drive=stickdrive,id=stick,removable={removable}",
         *(extra_args or []),
     ]
     return Guest(args, memory_mib=memory_mib, cpus=2, log=log, agent=True, stop_on_poweroff=True)
+
+
+def usb_drive(path: Path, id: str, size: str, mkfs: str | None = None) -> list[str]:
+    """QEMU arguments for a second USB drive on the stick's bus: a sparse image of `size`
+    (truncate's units) at `path`, made with `mkfs` if given; device id `id`."""
+    subprocess.run(["truncate", "-s", size, str(path)], check=True)
+    if mkfs:
+        subprocess.run([mkfs, "-q", str(path)], check=True)
+    return ["-drive", f"if=none,id={id}drive,format=raw,file={path}",
+            "-device", f"usb-storage,bus=xhci.0,drive={id}drive,id={id},removable=on"]
+
+
+def device_of_size(g: Guest, size: int) -> str:
+    """The guest's whole-disk device of exactly `size` bytes (a drive from usb_drive)."""
+    names = g.run(f"lsblk -bdno NAME,SIZE | awk '$2 == {size} {{ print $1 }}'")["out"].split()
+    assert len(names) == 1, f"want one disk of {size} bytes, found {names}"
+    return "/dev/" + names[0]
 
 
 def wait_armed(g: Guest, timeout: float = 400) -> dict:
@@ -122,6 +152,15 @@ def trigger_and_measure(g: Guest, result: Result, pattern: bytes, trigger, power
     }
     if uevent is not None and detect is not None and uevent > t0:
         result.notes["detect_to_reference_ratio"] = round((detect - t0) / (uevent - t0), 2)
+
+
+def suspend(g: Guest, timeout: float = 60) -> None:
+    """Suspend the guest to RAM as a desktop would (systemctl suspend: systemd-sleep runs
+    killcord's sleep hook) and wait until QEMU reports it asleep. A suspend asked for
+    while the last resume's hooks still run does not happen: wait for them first."""
+    g.run("while systemctl -q is-active systemd-suspend.service; do sleep 0.2; done", timeout=60)
+    g.run("setsid -f systemctl suspend >/dev/null 2>&1 </dev/null")
+    g.wait_status("suspended", timeout)
 
 
 def unplug_stick(g: Guest):

@@ -26,7 +26,7 @@ class Line:
 
 class Guest:
     def __init__(self, args: list[str], memory_mib: int = 1024, cpus: int = 1, log: Path | None = None,
-                 agent: bool = False, stop_on_poweroff: bool = False) -> None:
+                 agent: bool = False, stop_on_poweroff: bool = False, reboot: bool = False) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="killcord-vm-"))
         self.qmp_path = self.tmp / "qmp.sock"
         self.agent_path = self.tmp / "agent.sock"
@@ -41,7 +41,9 @@ class Guest:
         self.cmd = [
             shutil.which("qemu-system-x86_64") or "qemu-system-x86_64",
             "-accel", "tcg", "-machine", "q35", "-cpu", "qemu64", "-smp", str(cpus), "-m", str(memory_mib),
-            "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
+            "-display", "none", "-monitor", "none", "-serial", "stdio",
+            # a guest's reset ends qemu, unless the test wants it (an S3 wakeup is a reset)
+            *([] if reboot else ["-no-reboot"]),
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             *extra, *args,
         ]
@@ -55,6 +57,7 @@ class Guest:
         self._agent: socket.socket | None = None
         self._agent_buf = b""
         self._agent_id = 0
+        self.events: list[dict] = []  # QMP events seen, in order
 
     # ---- console ----
 
@@ -137,6 +140,7 @@ class Guest:
         while True:
             reply = json.loads(self._qmp_file.readline())
             if "event" in reply:
+                self.events.append(reply)
                 continue
             if "error" in reply:
                 raise RuntimeError(f"QMP {msg.get('execute')}: {reply['error']}")
@@ -155,6 +159,71 @@ class Guest:
             time.sleep(poll)
         raise TimeoutError(f"guest not in status {status!r} after {timeout} s (is {self.status()!r}); "
                            "console tail:\n" + "\n".join(l.text for l in self.lines[-30:]))
+
+    def wait_event(self, name: str, timeout: float, since: int = 0) -> dict:
+        """The first QMP event `name` from index `since` of self.events on (events arrive
+        with command replies, so this polls query-status)."""
+        end = time.monotonic() + timeout
+        while True:
+            for event in self.events[since:]:
+                if event["event"] == name:
+                    return event
+            if time.monotonic() > end:
+                raise TimeoutError(f"no QMP event {name} in {timeout} s (saw {self.events[since:]})")
+            self.qmp("query-status")
+            time.sleep(0.02)
+
+    # The ICH9 LPC bridge's ACPI PM base (config 0x40) and ACPI enable (0x44), as SeaBIOS
+    # sets them at boot. QEMU's S3 wakeup resets the chipset and SeaBIOS 1.16's resume path
+    # does not program them again (real firmware does), so after one resume the guest's
+    # PM1 registers are gone: its poweroff and its next suspend do nothing. wakeup()
+    # restores them from the host, as the firmware would have.
+    LPC_PM = {0x8000F840: 0x0601, 0x8000F844: 0x80}  # CF8 address (00:1f.0, register): value
+
+    def _hmp(self, line: str) -> str:
+        out = str(self.qmp("human-monitor-command", **{"command-line": line}))
+        if "invalid" in out or "Try \"help" in out:
+            raise RuntimeError(f"HMP {line!r}: {out}")
+        return out
+
+    def _port_read(self, port: int) -> int:
+        return int(self._hmp(f"i /w {port:#x}").rsplit("=", 1)[1], 16)
+
+    def _config_read(self, address: int) -> int:
+        self._hmp(f"o /w 0xcf8 {address:#x}")
+        return self._port_read(0xCFC)
+
+    def wakeup(self, timeout: float = 60) -> None:
+        """Wake the guest from S3 (QMP system_wakeup) and restore the firmware's ACPI PM
+        setup once the firmware has handed over to the guest's kernel: SeaBIOS's resume
+        path sets up SMM through those very registers if it finds them, and the resume
+        then fails now and then. Each look is made with the guest paused, and CF8 (the
+        guest's own PCI config address, the same ports) is put back as it was."""
+        since = len(self.events)
+        self.qmp("system_wakeup")
+        self.wait_event("WAKEUP", timeout, since)
+        end = time.monotonic() + timeout
+        pm_base = next(iter(self.LPC_PM))
+        while True:
+            self.qmp("stop")
+            try:
+                saved = self._port_read(0xCF8)
+                reset = self._config_read(pm_base) != self.LPC_PM[pm_base]  # by QEMU's wakeup
+                in_kernel = "RIP=ffff" in self._hmp("info registers")  # 64-bit, the kernel's half
+                if reset and in_kernel:
+                    for address, value in self.LPC_PM.items():
+                        self._hmp(f"o /w 0xcf8 {address:#x}")
+                        self._hmp(f"o /w 0xcfc {value:#x}")
+                        if (got := self._config_read(address)) != value:
+                            raise RuntimeError(f"LPC register {address:#x}: wrote {value:#x}, reads {got:#x}")
+                self._hmp(f"o /w 0xcf8 {saved:#x}")
+            finally:
+                self.qmp("cont")
+            if reset and in_kernel:
+                return
+            if time.monotonic() > end:
+                raise TimeoutError(f"the guest did not resume in {timeout} s (chipset reset: {reset})")
+            time.sleep(0.01)
 
     def count_in_memory(self, pattern: bytes) -> int:
         """Dump guest RAM (QMP dump-guest-memory, to RAM on the host) and count every
@@ -218,7 +287,8 @@ class Guest:
                 return time.monotonic()
             if self.proc.poll() is not None:
                 break
-        raise TimeoutError("the guest agent did not answer; console tail:\n"
+        status = self.status() if self.proc.poll() is None else f"qemu exited ({self.proc.returncode})"
+        raise TimeoutError(f"the guest agent did not answer (guest {status}); console tail:\n"
                            + "\n".join(l.text for l in self.lines[-30:]))
 
     def run(self, cmd: str, timeout: float = 120.0, check: bool = True) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -87,11 +86,7 @@ def test_g_without_kexec_the_initramfs_fallback_wipes(image: Image) -> None:
 
 
 def test_h_other_stick_and_unrelated_events_never_fire(image: Image, tmp_path: Path) -> None:
-    other = tmp_path / "other.img"
-    subprocess.run(["truncate", "-s", "16M", str(other)], check=True)
-    subprocess.run(["mkfs.ext4", "-q", str(other)], check=True)
-    extra = ["-drive", f"if=none,id=otherdrive,format=raw,file={other}",
-             "-device", "usb-storage,bus=xhci.0,drive=otherdrive,id=other,removable=on"]
+    extra = live.usb_drive(tmp_path / "other.img", "other", "16M", mkfs="mkfs.ext4")
     result, pattern = live.Result("h-no-false-trigger"), live.new_pattern()
     with live.boot(image, OUT / "h-no-false-trigger.log", extra_args=extra) as g:
         live.wait_armed(g)
@@ -144,10 +139,7 @@ def volume_key(luks_dump: str) -> bytes:
 
 
 def test_e_luks_caches_and_volume_key_are_gone(image: Image, tmp_path: Path) -> None:
-    disk = tmp_path / "luks.img"
-    subprocess.run(["truncate", "-s", "64M", str(disk)], check=True)
-    extra = ["-drive", f"if=none,id=luksdrive,format=raw,file={disk}",
-             "-device", "usb-storage,bus=xhci.0,drive=luksdrive,id=luks,removable=on"]
+    extra = live.usb_drive(tmp_path / "luks.img", "luks", "64M")
     result, pattern = live.Result("e-luks"), live.new_pattern()
     mib = 16
     copies = mib * 1024 * 1024 // len(pattern)
@@ -155,7 +147,7 @@ def test_e_luks_caches_and_volume_key_are_gone(image: Image, tmp_path: Path) -> 
     with live.boot(image, OUT / "e-luks.log", extra_args=extra) as g:
         live.wait_armed(g)
         result.free_bytes_before_fill = live.mem_free_bytes(g)
-        dev = "/dev/" + g.run("lsblk -bdno NAME,SIZE | awk '$2 == 67108864 { print $1 }'")["out"].strip()
+        dev = live.device_of_size(g, 64 << 20)
         g.run(f"printf secret | cryptsetup luksFormat --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 "
               f"--batch-mode {dev} - && printf secret | cryptsetup open {dev} secret --key-file - && "
               "mkfs.ext4 -q /dev/mapper/secret && mkdir -p /mnt/secret && mount /dev/mapper/secret /mnt/secret")
@@ -203,15 +195,12 @@ def test_bc_files_in_ram_file_systems_are_wiped(image: Image, scenario: str, pat
 
 @pytest.mark.extended
 def test_d_vfat_drive_caches_are_wiped(image: Image, tmp_path: Path) -> None:
-    disk = tmp_path / "vfat.img"
-    subprocess.run(["truncate", "-s", "96M", str(disk)], check=True)
-    extra = ["-drive", f"if=none,id=vfatdrive,format=raw,file={disk}",
-             "-device", "usb-storage,bus=xhci.0,drive=vfatdrive,id=vfat,removable=on"]
+    extra = live.usb_drive(tmp_path / "vfat.img", "vfat", "96M")
     result, pattern = live.Result("d-vfat"), live.new_pattern()
     with live.boot(image, OUT / "d-vfat.log", extra_args=extra) as g:
         live.wait_armed(g)
         result.free_bytes_before_fill = live.mem_free_bytes(g)
-        dev = "/dev/" + g.run("lsblk -bdno NAME,SIZE | awk '$2 == 100663296 { print $1 }'")["out"].strip()
+        dev = live.device_of_size(g, 96 << 20)
         g.run(f"mkfs.vfat -I {dev} >/dev/null && mkdir -p /mnt/vfat && mount -t vfat {dev} /mnt/vfat")
         # read cache: written, flushed, dropped, read back; write cache: written, not flushed
         written = fill_file(g, pattern, "/mnt/vfat/read-cache", 16)
@@ -240,3 +229,47 @@ def test_i_stick_pulled_while_killcord_restarts_fires_when_it_is_back(image: Ima
     assert "killcord: fire trigger=medium absent" in console or "killcord: fire trigger=uevent" in console
     check_wiped(result)
 
+
+
+
+
+@pytest.mark.extended
+def test_j_suspend_keeps_armed_and_a_stick_pulled_asleep_fires_on_resume(image: Image) -> None:
+    result, pattern = live.Result("j-suspend"), live.new_pattern()
+    with live.boot(image, OUT / "j-suspend.log", s3=True) as g:
+        live.wait_armed(g)
+        fill_and_control(g, result, pattern)
+
+        # suspend and resume with the stick in: nothing fires; the sleep hook asked the
+        # daemon to re-check, and the check found the medium
+        live.suspend(g)
+        g.wakeup()
+        g.wait_agent(120)
+        g.run("until journalctl -b -o cat | grep -q 'killcord-sleep: resumed from suspend'; do sleep 0.5; done",
+              timeout=60)
+        status = json.loads(g.run("killcord status --json")["out"])
+        assert status["state"] == "armed" and status["stages"] == [], status
+        checks = [e for e in status["events"] if e["event"] == "MediumCheck" and e["reason"] == "resume"]
+        assert checks and checks[-1]["present"] and not checks[-1]["fired"], status["events"]
+        assert g.count_in_memory(pattern) * len(pattern) >= 0.99 * result.pattern_bytes_written
+        result.notes["resumed_with_stick_in"] = "armed, nothing fired"
+
+        # the stick pulled while the machine sleeps: it fires on resume
+        live.suspend(g)
+        asleep, woken = 1.0, []
+
+        def pull_asleep_then_wake() -> None:
+            g.qmp("device_del", id="stick")
+            time.sleep(asleep)
+            woken.append(time.monotonic())
+            g.wakeup()
+
+        live.trigger_and_measure(g, result, pattern, pull_asleep_then_wake)
+        console = g.text()
+        detect = live.first_line_after(g, r"killcord: fire ", woken[0])
+    result.notes["asleep_after_unplug_ms"] = asleep * 1000
+    result.notes["wakeup_to_detect_ms"] = live.ms(detect, woken[0])
+    fired = [line for line in console.splitlines() if "killcord: fire " in line]
+    assert fired, "killcord never fired"
+    result.notes["fired_by"] = fired[0].split("killcord: fire ", 1)[1]
+    check_wiped(result)
