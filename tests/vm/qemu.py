@@ -26,7 +26,7 @@ class Line:
 
 class Guest:
     def __init__(self, args: list[str], memory_mib: int = 1024, cpus: int = 1, log: Path | None = None,
-                 agent: bool = False, stop_on_poweroff: bool = False, reboot: bool = False) -> None:
+                 agent: bool = False, stop_on_poweroff: bool = False) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="killcord-vm-"))
         self.qmp_path = self.tmp / "qmp.sock"
         self.agent_path = self.tmp / "agent.sock"
@@ -41,9 +41,7 @@ class Guest:
         self.cmd = [
             shutil.which("qemu-system-x86_64") or "qemu-system-x86_64",
             "-accel", "tcg", "-machine", "q35", "-cpu", "qemu64", "-smp", str(cpus), "-m", str(memory_mib),
-            "-display", "none", "-monitor", "none", "-serial", "stdio",
-            # a guest's reset ends qemu, unless the test wants it (an S3 wakeup is a reset)
-            *([] if reboot else ["-no-reboot"]),
+            "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             *extra, *args,
         ]
