@@ -70,7 +70,7 @@ def main() -> int:
               f"kexec staged: {status['kexec']['loaded']}", flush=True)
         result.free_bytes_before_fill = live.mem_free_bytes(g)
         result.pattern_bytes_written = live.fill_process(g, pattern, 128)
-        result.pattern_bytes_found_before = g.count_in_memory(pattern) * len(pattern)
+        result.pattern_bytes_found_before = live.pattern_bytes(g, pattern)
         print(f"demo: a process holds {mib(result.pattern_bytes_written)} of pattern {pattern.hex()}; "
               f"the memory dump finds {mib(result.pattern_bytes_found_before)}", flush=True)
         print("demo: pulling the stick...", flush=True)

@@ -507,3 +507,10 @@ def test_driver_refuses_host_procfs() -> None:
     )
     assert proc.returncode == 2, proc
     assert "refusing" in proc.stderr and "mount-proc" in proc.stderr
+
+
+def test_describe_names_what_a_kill_left(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_proc(tmp_path, {31: _stat_line(31, b"stuck-io", b"D", 1, 0x400100, 2)})
+    monkeypatch.setattr(kill, "_PROC", str(tmp_path))
+    assert kill.describe((31, 32)) == {"31": "stuck-io (D, 2 threads)", "32": "gone"}
+    assert list(kill.describe(tuple(range(40, 60)))) == [str(p) for p in range(40, 48)]  # at most 8

@@ -168,12 +168,11 @@ def describe(pids: tuple[int, ...], limit: int = 8) -> dict[str, str]:
     doing, anything else would be ours to explain."""
     out: dict[str, str] = {}
     for pid in pids[:limit]:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                st = parse_stat(f.read())
-            out[str(pid)] = f"{st.comm.decode(errors='replace')} ({st.state}, {st.num_threads} threads)"
-        except (OSError, ValueError):
+        st = _read_stat(pid)
+        if st is None:
             out[str(pid)] = "gone"
+        else:
+            out[str(pid)] = f"{st.comm.decode(errors='replace')} ({st.state}, {st.num_threads} threads)"
     return out
 
 

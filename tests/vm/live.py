@@ -115,6 +115,11 @@ def fill_process(g: Guest, pattern: bytes, mib: int = 128) -> int:
     return copies * len(pattern)
 
 
+def pattern_bytes(g: Guest, pattern: bytes) -> int:
+    """Bytes of pattern in the guest's memory now (every occurrence counted)."""
+    return g.count_in_memory(pattern) * len(pattern)
+
+
 def mem_free_bytes(g: Guest) -> int:
     return int(g.run("awk '/^MemFree:/ { print $2 }' /proc/meminfo")["out"]) * 1024
 
@@ -138,7 +143,7 @@ def trigger_and_measure(g: Guest, result: Result, pattern: bytes, trigger, power
     trigger()
     t_off = g.wait_status("shutdown", poweroff_timeout)
     result.powered_off = True
-    result.pattern_bytes_left = g.count_in_memory(pattern) * len(pattern)
+    result.pattern_bytes_left = pattern_bytes(g, pattern)
     uevent = first_line_after(g, r"ref-uevent: remove ", t0)
     detect = first_line_after(g, r"killcord: fire ", t0)
     result.timings_ms = {

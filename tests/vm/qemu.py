@@ -191,6 +191,10 @@ class Guest:
         self._hmp(f"o /w 0xcf8 {address:#x}")
         return self._port_read(0xCFC)
 
+    def _config_write(self, address: int, value: int) -> None:
+        self._hmp(f"o /w 0xcf8 {address:#x}")
+        self._hmp(f"o /w 0xcfc {value:#x}")
+
     def wakeup(self, timeout: float = 60) -> None:
         """Wake the guest from S3 (QMP system_wakeup) and restore the firmware's ACPI PM
         setup once the firmware has handed over to the guest's kernel: SeaBIOS's resume
@@ -210,8 +214,7 @@ class Guest:
                 in_kernel = "RIP=ffff" in self._hmp("info registers")  # 64-bit, the kernel's half
                 if reset and in_kernel:
                     for address, value in self.LPC_PM.items():
-                        self._hmp(f"o /w 0xcf8 {address:#x}")
-                        self._hmp(f"o /w 0xcfc {value:#x}")
+                        self._config_write(address, value)
                         if (got := self._config_read(address)) != value:
                             raise RuntimeError(f"LPC register {address:#x}: wrote {value:#x}, reads {got:#x}")
                 self._hmp(f"o /w 0xcf8 {saved:#x}")

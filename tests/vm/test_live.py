@@ -34,12 +34,21 @@ def check_wiped(result: live.Result) -> None:
     assert result.pattern_bytes_left <= live.MAX_LEFT_BYTES, result.as_dict()
 
 
+def control(g, result: live.Result, pattern: bytes) -> None:
+    """Positive control before a trigger: the dump method sees what was written."""
+    result.pattern_bytes_found_before = live.pattern_bytes(g, pattern)
+    assert result.pattern_bytes_found_before >= 0.99 * result.pattern_bytes_written, result.as_dict()
+
+
+def assert_untouched(g, result: live.Result, pattern: bytes) -> None:
+    """Nothing happened: what was written is all still there."""
+    assert live.pattern_bytes(g, pattern) >= 0.99 * result.pattern_bytes_written, result.as_dict()
+
+
 def fill_and_control(g, result: live.Result, pattern: bytes, mib: int = 128) -> None:
     result.free_bytes_before_fill = live.mem_free_bytes(g)
     result.pattern_bytes_written = live.fill_process(g, pattern, mib)
-    result.pattern_bytes_found_before = g.count_in_memory(pattern) * len(pattern)
-    # positive control: the dump method sees what was written
-    assert result.pattern_bytes_found_before >= 0.99 * result.pattern_bytes_written, result.as_dict()
+    control(g, result, pattern)
 
 
 def test_a_process_memory_is_wiped_after_unplug(image: Image) -> None:
@@ -65,8 +74,7 @@ def test_f_panic_root_fires_unprivileged_is_refused(image: Image) -> None:
         assert refused["rc"] == 13 and "permission denied" in refused["err"]
         time.sleep(1)
         assert json.loads(g.run("killcord status --json")["out"])["state"] == "armed"
-        still = g.count_in_memory(pattern) * len(pattern)
-        assert still >= 0.99 * result.pattern_bytes_written  # nothing happened
+        assert_untouched(g, result, pattern)
         result.notes["refused_rc"] = refused["rc"]
         live.trigger_and_measure(g, result, pattern, lambda: g.run("setsid -f killcord panic >/dev/null 2>&1"))
     check_wiped(result)
@@ -98,7 +106,7 @@ def test_h_other_stick_and_unrelated_events_never_fire(image: Image, tmp_path: P
         time.sleep(3)
         status = json.loads(g.run("killcord status --json")["out"])
         assert status["state"] == "armed" and status["stages"] == []
-        assert g.count_in_memory(pattern) * len(pattern) >= 0.99 * result.pattern_bytes_written
+        assert_untouched(g, result, pattern)
         result.notes["other_stick_pulled"] = True
         result.notes["unrelated_uevents"] = 1000
         # and the real stick still fires afterwards
@@ -117,7 +125,7 @@ def test_anti_without_killcord_a_reset_keeps_the_pattern(image: Image) -> None:
         g.qmp("system_reset")
         time.sleep(2)
         g.qmp("stop")
-        result.pattern_bytes_left = g.count_in_memory(pattern) * len(pattern)
+        result.pattern_bytes_left = live.pattern_bytes(g, pattern)
     result.write(OUT)
     assert result.pattern_bytes_left >= 0.90 * result.pattern_bytes_written, result.as_dict()
 
@@ -158,8 +166,7 @@ def test_e_luks_caches_and_volume_key_are_gone(image: Image, tmp_path: Path) -> 
                                f"--key-file - {dev}")["out"])
         assert len(key) == 64  # aes-xts-plain64, 512 bits
         result.pattern_bytes_written = 2 * copies * len(pattern)
-        result.pattern_bytes_found_before = g.count_in_memory(pattern) * len(pattern)
-        assert result.pattern_bytes_found_before >= 0.99 * result.pattern_bytes_written, result.as_dict()
+        control(g, result, pattern)
         # aes-xts keeps its two 256-bit halves apart (one AES key schedule each): count each
         halves = (key[:32], key[32:])
         key_before = [g.count_in_memory(h) for h in halves]
@@ -187,8 +194,7 @@ def test_bc_files_in_ram_file_systems_are_wiped(image: Image, scenario: str, pat
         live.wait_armed(g)
         result.free_bytes_before_fill = live.mem_free_bytes(g)
         result.pattern_bytes_written = fill_file(g, pattern, path)
-        result.pattern_bytes_found_before = g.count_in_memory(pattern) * len(pattern)
-        assert result.pattern_bytes_found_before >= 0.99 * result.pattern_bytes_written, result.as_dict()
+        control(g, result, pattern)
         live.trigger_and_measure(g, result, pattern, live.unplug_stick(g))
     check_wiped(result)
 
@@ -207,8 +213,7 @@ def test_d_vfat_drive_caches_are_wiped(image: Image, tmp_path: Path) -> None:
         g.run("sync && echo 3 > /proc/sys/vm/drop_caches && cat /mnt/vfat/read-cache > /dev/null")
         written += fill_file(g, pattern, "/mnt/vfat/write-cache", 16)
         result.pattern_bytes_written = written
-        result.pattern_bytes_found_before = g.count_in_memory(pattern) * len(pattern)
-        assert result.pattern_bytes_found_before >= 0.99 * result.pattern_bytes_written, result.as_dict()
+        control(g, result, pattern)
         live.trigger_and_measure(g, result, pattern, live.unplug_stick(g))
     check_wiped(result)
 
@@ -251,7 +256,7 @@ def test_j_suspend_keeps_armed_and_a_stick_pulled_asleep_fires_on_resume(image: 
         assert status["state"] == "armed" and status["stages"] == [], status
         checks = [e for e in status["events"] if e["event"] == "MediumCheck" and e["reason"] == "resume"]
         assert checks and checks[-1]["present"] and not checks[-1]["fired"], status["events"]
-        assert g.count_in_memory(pattern) * len(pattern) >= 0.99 * result.pattern_bytes_written
+        assert_untouched(g, result, pattern)
         result.notes["resumed_with_stick_in"] = "armed, nothing fired"
 
         # the stick pulled while the machine sleeps: it fires on resume
