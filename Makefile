@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libsystemd-dev util-linux e2fsprogs \
-                qemu-system-x86 qemu-utils mmdebstrap squashfs-tools
+                qemu-system-x86 qemu-utils mmdebstrap squashfs-tools shellcheck busybox dmsetup
 
 .PHONY: setup test test-unit test-vm-all demo demo-dry bench clean deb
 

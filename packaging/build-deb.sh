@@ -44,6 +44,7 @@ required=(
 	initramfs-hooks/initramfs-tools/scripts/init-top/killcord
 	initramfs-hooks/dracut/90killcord/module-setup.sh
 	initramfs-hooks/killcord-wipe
+	initramfs-hooks/killcord-cmdline
 	initramfs-hooks/killcord-shutdown
 	initramfs-hooks/prepare-shutdown
 	systemd/killcord.service

@@ -13,7 +13,7 @@ truncate -s 16M "$img"
 dev=$(losetup --find --show "$img")
 pid=""
 cleanup() {
-  [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+  if [ -n "$pid" ] && kill "$pid" 2>/dev/null; then wait "$pid" 2>/dev/null || true; fi
   losetup --detach "$dev" 2>/dev/null || true
   rm -rf "$state" "$img"
 }
@@ -38,7 +38,6 @@ killcord status
 
 echo
 echo "== pulling the stick: detaching $dev and removing it from the kernel"
-start=$(date +%s.%N)
 losetup --detach "$dev"
 python3 - "$dev" <<'PY'
 import fcntl, os, sys, time

@@ -20,13 +20,20 @@ LOOP_CTL_REMOVE = 0x4C81
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: loop devices and uevents (CI runs as root)")
 
 
+def _on_ram_fs(path: Path) -> bool:
+    kind = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True).stdout.strip()
+    return kind in ("tmpfs", "ramfs")
+
+
 @pytest.fixture
 def loopdev(tmp_path: Path) -> Iterator[Callable[..., str]]:
-    """Factory: attach a fresh loop device; all detached afterwards."""
+    """Factory: attach a fresh loop device; all detached afterwards. Its image sits on a disk:
+    killcord refuses a loop whose file is in RAM (Debian 13 mounts /tmp as tmpfs)."""
     attached: list[str] = []
+    images = Path(tempfile.mkdtemp(prefix="killcord-loop-", dir="/var/tmp")) if _on_ram_fs(tmp_path) else tmp_path
 
     def make(size_mib: int = 8) -> str:
-        img = tmp_path / f"disk{len(attached)}.img"
+        img = images / f"disk{len(attached)}.img"
         with open(img, "wb") as f:
             f.truncate(size_mib * 1024 * 1024)
         args = ["losetup", "--find", "--show", str(img)]
@@ -37,6 +44,8 @@ def loopdev(tmp_path: Path) -> Iterator[Callable[..., str]]:
     yield make
     for dev in attached:
         subprocess.run(["losetup", "--detach", dev], check=False, capture_output=True)
+    if images != tmp_path:
+        shutil.rmtree(images, ignore_errors=True)
 
 
 def remove_loop(dev: str) -> None:
@@ -87,10 +96,61 @@ def fake_usb_sysfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         path.mkdir()
         if part not in not_devices:
             (path / "uevent").write_text("")
-    (sys_root / "devices" / "pci0000:00" / "0000:00:14.0" / "usb1" / "1-1" / "serial").write_text("STICK123\n")
+    usb = sys_root / "devices" / "pci0000:00" / "0000:00:14.0" / "usb1" / "1-1"
+    (usb / "serial").write_text("STICK123\n")
+    (sys_root / "bus" / "usb").mkdir(parents=True)
+    for d in (usb, usb / "1-1:1.0"):  # as the kernel links them: subsystem -> /sys/bus/usb
+        (d / "subsystem").symlink_to(os.path.relpath(sys_root / "bus" / "usb", d))
+    disk = path.parent
+    (disk / "size").write_text("15634432\n")  # 512-byte sectors: an 8 GB stick
+    (disk / "removable").write_text("1\n")
+    (path / "size").write_text("15632384\n")
+    (path / "partition").write_text("1\n")
     (sys_root / "dev" / "block").mkdir(parents=True)
     (sys_root / "dev" / "block" / "8:1").symlink_to(path)
+    (sys_root / "dev" / "block" / "8:0").symlink_to(disk)
     (sys_root / "class" / "block").mkdir(parents=True)
     (sys_root / "class" / "block" / "sda1").symlink_to(path)
     monkeypatch.setattr(medium, "SYS", sys_root)
+    return sys_root
+
+
+def _fake_block(sys_root: Path, devpath: str, dev: str, size: int, **attrs: str) -> Path:
+    """One block device in a fake sysfs: its devices/ directory, /sys/dev/block and /sys/class/block links."""
+    path = sys_root / devpath.lstrip("/")
+    for parent in reversed(path.relative_to(sys_root / "devices").parents[:-1]):
+        d = sys_root / "devices" / parent
+        d.mkdir(exist_ok=True)
+        if d.name != "block" and d.name != "virtual":
+            (d / "uevent").write_text("")
+    path.mkdir()
+    (path / "uevent").write_text("")
+    (path / "size").write_text(f"{size}\n")
+    for name, value in attrs.items():
+        (path / name).write_text(f"{value}\n")
+    (sys_root / "dev" / "block" / dev).symlink_to(path)
+    (sys_root / "class" / "block" / path.name).symlink_to(path)
+    return path
+
+
+@pytest.fixture
+def fake_storage_sysfs(fake_usb_sysfs: Path) -> Path:
+    """The fake USB stick plus what this machine cannot make (no device-mapper, no SCSI):
+    LVM on LUKS on the stick's partition (dm-1 on dm-0 on sda1), an optical drive sr0 with a
+    disc in it, and an internal SATA disk sdb. Named fake: only the layout, as the kernel builds it."""
+    sys_root = fake_usb_sysfs
+    sda1 = sys_root / "dev" / "block" / "8:1"
+    crypt = _fake_block(sys_root, "/devices/virtual/block/dm-0", "254:0", 15628288, removable="0")
+    (crypt / "slaves").mkdir()
+    (crypt / "slaves" / "sda1").symlink_to(os.path.relpath(sda1.resolve(), crypt / "slaves"))
+    lv = _fake_block(sys_root, "/devices/virtual/block/dm-1", "254:1", 8388608, removable="0")
+    (lv / "slaves").mkdir()
+    (lv / "slaves" / "dm-0").symlink_to(os.path.relpath(crypt, lv / "slaves"))
+    ata = "/devices/pci0000:00/0000:00:1f.2"
+    sr0 = _fake_block(sys_root, f"{ata}/ata2/host1/target1:0:0/1:0:0:0/block/sr0", "11:0", 1433600, removable="1")
+    (sr0.parent.parent / "type").write_text("5\n")  # SCSI TYPE_ROM
+    (sr0 / "device").symlink_to("../../../1:0:0:0")
+    sdb = _fake_block(sys_root, f"{ata}/ata1/host2/target2:0:0/2:0:0:0/block/sdb", "8:16", 500118192, removable="0")
+    (sdb.parent.parent / "type").write_text("0\n")  # SCSI TYPE_DISK
+    (sdb / "device").symlink_to("../../../2:0:0:0")
     return sys_root

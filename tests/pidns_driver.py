@@ -8,30 +8,47 @@ It refuses (exit 2) unless it is PID 1 of a PID namespace other than the host's:
 must never reach the host. If this process exits for any reason, the kernel SIGKILLs
 everything left in the namespace, so a failed run cannot leak victims onto the host.
 
-Prints one JSON object: {"scenario", "report", "survivors", "victims_started"}.
+Prints one JSON object, what the driver knows on its own (not from killcord) beside the report:
+    "report":    kill_all's report;
+    "victims":   pids of the victims that said they were running before the kill began (each
+                 victim writes its own pid to a pipe);
+    "late":      pids of victims that said so after the kill began (a growing tree);
+    "zombies":   pids of children that had exited (code ZOMBIE_EXIT_CODE) and were not reaped
+                 when the kill began: dead, so no target;
+    "spawned":   pids this PID 1 forked as victims;
+    "killcord":  pid of the process that ran kill_all;
+    "reaped":    [pid, exit code (-N: killed by signal N)] of every process this PID 1 reaped
+                 after the kill began: as init, it reaps every process whose parent died first,
+                 and after kill(-1) no parent lives to reap its children;
+    "empty":     whether the namespace held no process but this one within EMPTY_TIMEOUT_S;
+    "survivors": processes still alive at the end, read from /proc/PID/status.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import json
 import os
 import select
 import signal
+import struct
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+if importlib.util.find_spec("killcord") is None:  # PYTHONPATH, when set, says which tree to test
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from killcord.kill import kill_all  # noqa: E402  (imported before firing, like the daemon)
 
 HOST_NS_ENV = "KILLCORD_TEST_HOST_PIDNS"
 READY_TIMEOUT_S = 20.0
 REPORT_TIMEOUT_S = 15.0
-SETTLE_S = 0.3
+EMPTY_TIMEOUT_S = 5.0
+ZOMBIE_EXIT_CODE = 7
 
 # Bounds (the namespace shares the host's process table; root ignores RLIMIT_NPROC, so every
 # victim bounds itself in code).
@@ -77,8 +94,16 @@ def _forever() -> None:
         time.sleep(3600)
 
 
-def _ready(fd: int) -> None:
-    os.write(fd, b".")
+_RECORD = struct.Struct("=i")  # 4 bytes: one write(2) below PIPE_BUF is atomic
+
+
+def _ready(fd: int, pid: int | None = None) -> None:
+    """Say "running" with our pid (getpid() is the thread group's id, from any thread); a
+    negative pid names a zombie we made."""
+    os.write(fd, _RECORD.pack(os.getpid() if pid is None else pid))
+
+
+_spawned: list[int] = []  # in PID 1: the victims it forked itself
 
 
 def _spawn(fn: Callable[..., None], *args: object) -> int:
@@ -88,6 +113,8 @@ def _spawn(fn: Callable[..., None], *args: object) -> int:
             fn(*args)
         finally:
             os._exit(0)
+    if os.getpid() == 1:
+        _spawned.append(pid)
     return pid
 
 
@@ -183,6 +210,17 @@ def v_blocked_reader(ready: int, rfd: int) -> None:
     _forever()
 
 
+def v_zombie_parent(ready: int) -> None:
+    """Has a child that exited and is never reaped: a lone zombie, dead before the kill."""
+    child = os.fork()
+    if child == 0:
+        os._exit(ZOMBIE_EXIT_CODE)
+    os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)  # exited; WNOWAIT leaves it a zombie
+    _ready(ready, -child)
+    _ready(ready)
+    _forever()
+
+
 def v_zombie_leader(ready: int) -> None:
     """Main thread exits (raw SYS_exit), other threads live on: /proc/PID/stat shows Z."""
     def watcher() -> None:
@@ -199,7 +237,7 @@ def v_zombie_leader(ready: int) -> None:
     ctypes.CDLL(None).syscall(_SYS_EXIT, 0)  # CDLL drops the GIL; only this thread ends
 
 
-# ---- scenarios: start victims, return how many handshakes mean "running" ----
+# ---- scenarios: start victims, return how many live victims' records mean "running" ----
 
 
 def s_forktree(ready: int, keep: list[int]) -> int:
@@ -228,8 +266,9 @@ def s_threads(ready: int, keep: list[int]) -> int:
     keep.append(wfd)  # PID 1 keeps the write end: the reader never sees EOF
     _spawn(v_busy_threads, ready)
     _spawn(v_blocked_reader, ready, rfd)
+    _spawn(v_zombie_parent, ready)
     os.close(rfd)
-    n = 2
+    n = 3
     if _SYS_EXIT is not None:
         _spawn(v_zombie_leader, ready)
         n += 1
@@ -252,19 +291,23 @@ SCENARIOS: dict[str, Callable[[int, list[int]], int]] = {
 # ---- PID 1 ----
 
 
-def _read_until(fd: int, want: int, timeout: float) -> int:
-    """Read handshake bytes until `want` arrived; returns how many did."""
-    got = 0
+def _read_records(fd: int, want: int | None, timeout: float) -> tuple[list[int], list[int]]:
+    """(live victims' pids, zombies' pids) read from the handshake pipe until `want` live
+    ones arrived (None: until EOF, i.e. every writer is gone), or the timeout."""
+    live: list[int] = []
+    zombies: list[int] = []
     end = time.monotonic() + timeout
-    while got < want:
+    while want is None or len(live) < want:
         left = end - time.monotonic()
         if left <= 0 or not select.select([fd], [], [], left)[0]:
             break
-        chunk = os.read(fd, want - got)
+        # whole records only: every write is one record, so the pipe holds whole ones
+        chunk = os.read(fd, _RECORD.size * (1 if want is None else want - len(live)))
         if not chunk:
             break
-        got += len(chunk)
-    return got
+        for (pid,) in _RECORD.iter_unpack(chunk):
+            (live if pid > 0 else zombies).append(abs(pid))
+    return live, zombies
 
 
 def _read_all(fd: int, timeout: float) -> bytes:
@@ -278,12 +321,17 @@ def _read_all(fd: int, timeout: float) -> bytes:
     return out
 
 
-def _reap_forever() -> None:
+def _reap_forever(reaped: list[tuple[int, int]], empty: threading.Event) -> None:
     while True:  # as init does: reap every zombie, ours and re-parented ones
         try:
-            os.waitpid(-1, 0)
+            pid, status = os.waitpid(-1, 0)
         except ChildProcessError:
+            # no child left, not even a zombie: every process of the namespace but this
+            # one is gone (an orphan becomes our child before its parent can be reaped)
+            empty.set()
             time.sleep(0.001)
+            continue
+        reaped.append((pid, os.waitstatus_to_exitcode(status)))
 
 
 def _killcord(out: int) -> None:
@@ -324,29 +372,38 @@ def main(argv: list[str]) -> int:
     ready_r, ready_w = os.pipe()
     keep: list[int] = []
     want = SCENARIOS[scenario](ready_w, keep)
-    started = _read_until(ready_r, want, READY_TIMEOUT_S)
-    if started < want:
-        print(json.dumps({"scenario": scenario, "error": f"only {started}/{want} victims ready"}))
+    os.close(ready_w)  # the victims hold it: EOF once the last of them is gone
+    victims, zombies = _read_records(ready_r, want, READY_TIMEOUT_S)
+    if len(victims) < want:
+        print(json.dumps({"scenario": scenario, "error": f"only {len(victims)}/{want} victims ready"}))
         return 1
 
     report_r, report_w = os.pipe()
-    if os.fork() == 0:
+    killcord = os.fork()
+    if killcord == 0:
         os.close(report_r)
+        os.close(ready_r)
         try:
             _killcord(report_w)
         finally:
             os._exit(0)
     os.close(report_w)
-    threading.Thread(target=_reap_forever, daemon=True).start()
+    reaped: list[tuple[int, int]] = []
+    empty = threading.Event()
+    threading.Thread(target=_reap_forever, args=(reaped, empty), daemon=True).start()
 
     raw = _read_all(report_r, REPORT_TIMEOUT_S)
-    time.sleep(SETTLE_S)
+    empty.wait(EMPTY_TIMEOUT_S)
+    late, late_zombies = _read_records(ready_r, None, 0.5)  # at EOF at once if empty
     try:
         report: object = json.loads(raw)
     except ValueError:
         report = {"error": f"no report: {raw[:200]!r}"}
-    print(json.dumps({"scenario": scenario, "report": report, "survivors": survivors(),
-                      "victims_started": started}), flush=True)
+    print(json.dumps({
+        "scenario": scenario, "report": report, "victims": victims, "late": late,
+        "zombies": zombies + late_zombies, "spawned": _spawned, "killcord": killcord,
+        "reaped": list(reaped), "empty": empty.is_set(), "survivors": survivors(),
+    }), flush=True)
     return 0
 
 

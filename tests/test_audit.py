@@ -220,10 +220,11 @@ def test_record_writes_snapshot_and_json(tmp_path: Path) -> None:
     snapshot = FIXTURE.encode()
     out = audit.record(state, snapshot, {"trigger": "panic", "uid": 0})
 
-    assert out.parent == state and out.name.startswith("audit-") and out.suffix == ".json"
-    assert _mode(state) == 0o700
+    records = state / "records"
+    assert out.parent == records and out.name.startswith("audit-") and out.suffix == ".json"
+    assert _mode(state) == 0o755 and _mode(records) == 0o700  # the socket's dir; root's records
     doc = json.loads(out.read_text())
-    snap = state / doc["snapshot"]
+    snap = records / doc["snapshot"]
     assert snap.name.startswith("slabinfo-") and snap.suffix == ".txt"
     assert snap.read_bytes() == snapshot
     # same timestamp in both names
@@ -233,7 +234,7 @@ def test_record_writes_snapshot_and_json(tmp_path: Path) -> None:
     assert _mode(snap) == 0o600 and _mode(out) == 0o600
     assert doc["trigger"] == "panic" and doc["uid"] == 0
     assert [r["name"] for r in doc["top"]][:2] == ["ext4_inode_cache", "dentry"]
-    assert sorted(p.name for p in state.iterdir()) == sorted([snap.name, out.name])  # no temp files
+    assert sorted(p.name for p in records.iterdir()) == sorted([snap.name, out.name])  # no temp files
 
 
 def test_record_keeps_top_to_ten(tmp_path: Path) -> None:
@@ -252,7 +253,7 @@ def test_record_keeps_existing_dir_mode(tmp_path: Path) -> None:
 def test_record_unparseable_snapshot_still_recorded(tmp_path: Path) -> None:
     out = audit.record(tmp_path, b"garbage\x00\xff", {"stage": "audit"})
     doc = json.loads(out.read_text())
-    assert (tmp_path / doc["snapshot"]).read_bytes() == b"garbage\x00\xff"
+    assert (out.parent / doc["snapshot"]).read_bytes() == b"garbage\x00\xff"
     assert doc["top"] == [] and "line 1" in doc["parse_error"]
 
 
@@ -278,12 +279,74 @@ print(imported)
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
-    assert len(list((tmp_path / "state").glob("audit-*.json"))) >= 1
+    assert len(list((tmp_path / "state" / "records").glob("audit-*.json"))) >= 1
 
 
 def test_record_twice_keeps_both(tmp_path: Path) -> None:
     first = audit.record(tmp_path, b"one", {})
     second = audit.record(tmp_path, b"two", {})
     assert first != second
-    assert (tmp_path / json.loads(first.read_text())["snapshot"]).read_bytes() == b"one"
-    assert (tmp_path / json.loads(second.read_text())["snapshot"]).read_bytes() == b"two"
+    assert (first.parent / json.loads(first.read_text())["snapshot"]).read_bytes() == b"one"
+    assert (second.parent / json.loads(second.read_text())["snapshot"]).read_bytes() == b"two"
+
+
+# ---- where records may be written (statedir; its refusals are OSErrors: UnsafeStateDir) ----
+
+
+def test_record_refuses_a_state_dir_that_is_a_link(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "state").symlink_to(elsewhere)
+    with pytest.raises(OSError, match="symbolic link"):
+        audit.record(tmp_path / "state", b"x", {})
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_record_refuses_a_planted_records_link(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "records").symlink_to(elsewhere)
+    with pytest.raises(OSError, match="records"):
+        audit.record(tmp_path, b"x", {})
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand a directory to another user")
+def test_record_refuses_a_state_dir_of_another_user(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 65534, 65534)
+    with pytest.raises(OSError, match="owned by uid 65534"):
+        audit.record(state, b"x", {})
+    assert list(state.iterdir()) == []
+
+
+def test_record_refuses_a_state_dir_anyone_can_write(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o777)
+    with pytest.raises(OSError, match="writable by group or others"):
+        audit.record(state, b"x", {})
+    assert list(state.iterdir()) == []
+
+
+def test_records_dir_of_wrong_mode_is_put_back_to_0700(tmp_path: Path) -> None:
+    (tmp_path / "records").mkdir(mode=0o755)
+    (tmp_path / "records").chmod(0o755)
+    audit.record(tmp_path, b"x", {})
+    assert _mode(tmp_path / "records") == 0o700
+
+
+def test_record_uses_the_directory_held_since_arm_time(tmp_path: Path) -> None:
+    """Held open at arm time: a state_dir renamed (or gone) since is still written to."""
+    from killcord import arm_fds, statedir
+
+    state = tmp_path / "state"
+    statedir.hold_records(state)
+    try:
+        state.rename(tmp_path / "moved")
+        out = audit.record(state, b"held", {})
+    finally:
+        arm_fds.release_all()
+    assert not state.exists()
+    assert (tmp_path / "moved" / "records" / out.name).exists()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -110,7 +113,7 @@ def test_panic_without_daemon_fires_here_dry(ramdir: Path) -> None:
     stages = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{") and '"stage"' in line]
     assert [s["stage"] for s in stages][:2] == ["kill", "audit"]
     assert proc.returncode == 0  # the dry poweroff "succeeds"
-    assert list(ramdir.glob("audit-*.json"))
+    assert list((ramdir / "records").glob("audit-*.json"))
 
 
 def test_panic_without_daemon_unprivileged_is_denied(ramdir: Path) -> None:
@@ -123,3 +126,105 @@ def test_panic_without_daemon_unprivileged_is_denied(ramdir: Path) -> None:
     e["KILLCORD_SOCKET"] = str(ramdir / "none.sock")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, timeout=60)
     assert proc.returncode == 13 and "only root can fire without the daemon" in proc.stderr
+
+
+class FakeDaemon:
+    """Something on the control socket that does not answer as a daemon should: silent,
+    garbage, a reply of the wrong shape, or a listen queue that is full. A fake: the real
+    daemon cannot be made to misbehave on purpose (test_control.py attacks the real one)."""
+
+    def __init__(self, path: Path, behaviour: str) -> None:
+        self.behaviour = behaviour
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        path.chmod(0o666)
+        self.sock.listen(0 if behaviour == "full" else 16)
+        self.held: list[socket.socket] = []
+        if behaviour == "full":  # fill the queue: nobody accepts
+            for _ in range(4):
+                c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                c.setblocking(False)
+                try:
+                    c.connect(str(path))
+                except BlockingIOError:
+                    c.close()
+                    break
+                self.held.append(c)
+            return
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+            conn.recv(4096)
+            if self.behaviour == "garbage":
+                conn.sendall(b"\x00\xffgarbage\n")
+            elif self.behaviour == "wrong":
+                conn.sendall(b'{"ok": true, "note": "no state, no mode"}\n')
+
+    def close(self) -> None:
+        for c in self.held:
+            c.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def fake_daemon(ramdir: Path, request: pytest.FixtureRequest):
+    fake = FakeDaemon(ramdir / "control.sock", request.param)
+    yield ramdir / "control.sock"
+    fake.close()
+
+
+@needs_root
+@pytest.mark.parametrize("fake_daemon", ["silent", "garbage", "wrong", "full"], indirect=True)
+def test_root_panic_fires_alone_when_no_valid_answer_comes(fake_daemon: Path, ramdir: Path) -> None:
+    started = time.monotonic()
+    proc = cli("panic", env={"KILLCORD_SOCKET": str(fake_daemon), "KILLCORD_STATE_DIR": str(ramdir)})
+    assert "firing here (dry-run)" in proc.stderr, proc.stderr
+    assert proc.returncode == 0
+    assert time.monotonic() - started < 20  # the answer's deadline (2 s), then the dry stages
+    assert list((ramdir / "records").glob("audit-*.json"))
+
+
+@needs_root
+@pytest.mark.parametrize("fake_daemon", ["silent", "full"], indirect=True)
+def test_panic_group_member_without_an_answer_gets_a_clear_error(fake_daemon: Path) -> None:
+    code = ("import os, sys, tomllib, killcord.cli, killcord.config, killcord.control\n"
+            "os.setgroups([100]); os.setgid(65534); os.setuid(65534)\n"
+            "sys.exit(killcord.cli.main(['panic']))")
+    e = {k: v for k, v in os.environ.items() if not k.startswith("KILLCORD_")}
+    e.update(KILLCORD_SOCKET=str(fake_daemon), KILLCORD_PANIC_GROUP="users")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, timeout=60)
+    assert proc.returncode == 13, proc.stderr
+    assert "no answer from the daemon" in proc.stderr and "only root can fire without the daemon" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@needs_root
+@pytest.mark.parametrize("fake_daemon", ["garbage", "wrong"], indirect=True)
+def test_status_with_no_valid_answer_says_so(fake_daemon: Path) -> None:
+    proc = cli("status", "--json", env={"KILLCORD_SOCKET": str(fake_daemon)})
+    assert proc.returncode == 4 and "Traceback" not in proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["state"] == "unreachable" and "no valid answer" in out["error"]
+
+
+@needs_root
+@pytest.mark.parametrize("fake_daemon", ["silent"], indirect=True)
+def test_root_panic_does_not_start_a_second_sequence_while_the_daemon_fires(fake_daemon: Path, ramdir: Path) -> None:
+    """A daemon busy firing (in its kexec or wipe stage) does not answer; it holds the
+    firing lock, and the CLI must not kill it to start over."""
+    from killcord import statedir
+
+    fd = statedir.open_firing_lock(ramdir)  # as the daemon, at arm time
+    statedir.take_firing_lock(fd)  # ...and when it starts firing
+    try:
+        proc = cli("panic", env={"KILLCORD_SOCKET": str(fake_daemon), "KILLCORD_STATE_DIR": str(ramdir)})
+    finally:
+        os.close(fd)
+    assert proc.returncode == 0 and "firing already" in proc.stdout, proc.stderr
+    assert "firing here" not in proc.stderr and not list((ramdir / "records").glob("audit-*"))

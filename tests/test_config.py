@@ -67,6 +67,15 @@ def test_partial_deadlines_merge_with_defaults(tmp_path: Path) -> None:
     ('kexec_append = "quiet mem=4G"\n', ["kexec_append", "'mem=4G'", "init_on_free=1"]),
     ('kexec_append = "init_on_free=0"\n', ["kexec_append", "init_on_free=0"]),
     ('kexec_append = "a -- b"\n', ["kexec_append", "'--'"]),
+    # read as the kernel reads it (issue 9, part 3): each of these took effect before
+    ("kexec_append = '\"mem=4G\"'\n", ["kexec_append", "mem=4G", "keeps memory from being wiped"]),
+    ('kexec_append = "reserve-mem=64M:4096:trace"\n', ["kexec_append", "reserve-mem=64M", "keeps memory"]),
+    ('kexec_append = "efi-fake-mem=1G@4G:0x40000"\n', ["kexec_append", "efi-fake-mem"]),
+    ('kexec_append = "init-on-free=0"\n', ["kexec_append", "init-on-free=0", "killcord sets it itself"]),
+    ("kexec_append = 'x=\"crashkernel=256M\"'\n", ["kexec_append", "crashkernel=", "anywhere"]),
+    ("kexec_append = 'a \"--\" b'\n", ["kexec_append", "'--'", "goes to init"]),
+    ("kexec_append = 'dyndbg=\"file x.c'\n", ["kexec_append", "never closed", "close the quote"]),
+    ('kexec_append = "rdinit=/bin/sh"\n', ["kexec_append", "rdinit", "initramfs"]),
     ('panic_group = "no-such-group-xyz"\n', ["panic_group", "no-such-group-xyz", "does not exist"]),
     ('cord = "046d:c52b"\n', ["cord", "046d:c52b", "VID:PID"]),
     ("[stage_deadlines_ms]\nkil = 100\n", ["stage_deadlines_ms", "'kil'", "kill, audit, kexec, poweroff, sysrq"]),
@@ -93,6 +102,12 @@ def test_missing_explicit_file_and_bad_toml(tmp_path: Path) -> None:
         load(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="killcord.toml"):
         load(write(tmp_path, "mode = = live\n"))
+
+
+@pytest.mark.parametrize("append", ["", "memtest=1", 'dyndbg="file x.c +p"', "killcord.wipe_then=reboot",
+                                    "movablecore=128M quiet", "memory_hotplug.memmap_on_memory=1"])
+def test_harmless_kexec_append_accepted(tmp_path: Path, append: str) -> None:
+    assert load(write(tmp_path, f"kexec_append = '{append}'\n")).kexec_append == append
 
 
 def test_valid_forms_accepted(tmp_path: Path) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -75,10 +77,22 @@ def env(ramdir: Path) -> dict[str, str]:
 def start_daemon(env: dict[str, str]) -> Iterator[Callable[..., subprocess.Popen]]:
     procs: list[subprocess.Popen] = []
 
-    def start(**settings: str) -> subprocess.Popen:
-        e = dict(env, **{f"KILLCORD_{k.upper()}": v for k, v in settings.items()})
+    def start(nofile: tuple[int, int] | None = None, extra_env: dict[str, str] | None = None,
+              log: Path | None = None, **settings: str) -> subprocess.Popen:
+        """nofile: the daemon's RLIMIT_NOFILE (soft, hard), e.g. systemd's default 1024.
+        log: its stderr goes to this file (a pipe nobody reads would stall a chatty daemon)."""
+        e = dict(env, **{f"KILLCORD_{k.upper()}": v for k, v in settings.items()}, **(extra_env or {}))
         assert e.get("KILLCORD_MODE", "dry-run") == "dry-run"  # the interlock, on the host
-        proc = subprocess.Popen(CLI + ["daemon"], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        def limit() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+
+        err = subprocess.PIPE if log is None else open(log, "w")  # noqa: SIM115 (the child owns it)
+        proc = subprocess.Popen(CLI + ["daemon"], env=e, stdout=subprocess.PIPE, stderr=err, text=True,
+                                preexec_fn=limit)
+        if log is not None:
+            err.close()
         procs.append(proc)
         return proc
 
@@ -103,7 +117,8 @@ def test_unplug_fires_kill_audit_kexec_in_order(loopdev, env, start_daemon, sent
     kernel.write_bytes(b"not a kernel: dry-run reads one byte")
     start_daemon(medium=dev, kexec_kernel=str(kernel), kexec_initrd="none")
     armed = wait_for(env, "armed")
-    assert armed["medium"]["devpaths"] == [f"/devices/virtual/block/{Path(dev).name}"]
+    # the loop device first (then, since loop backing files are followed, the disk under it)
+    assert armed["medium"]["devpaths"][0] == f"/devices/virtual/block/{Path(dev).name}"
     assert armed["kexec"]["loaded"] and armed["kexec"]["method"] == "dry"
     assert armed["kexec"]["cmdline"].split(" -- ")[0].endswith("init_on_free=1 killcord.wipe=1")
     assert armed["resident"]["mlockall"] and armed["resident"]["locked_kib"] > 0
@@ -119,7 +134,7 @@ def test_unplug_fires_kill_audit_kexec_in_order(loopdev, env, start_daemon, sent
     assert sentinel.poll() is None  # ...and, dry, killed none of them
     record = json.loads(Path(stages[1]["detail"]["record"]).read_text())
     assert record["trigger"] == fired["trigger"] and record["stages"][0]["name"] == "kill"
-    assert (ramdir / record["snapshot"]).read_text().startswith("slabinfo - version:")
+    assert (ramdir / "records" / record["snapshot"]).read_text().startswith("slabinfo - version:")
 
 
 def test_without_a_kexec_image_the_poweroff_fallback_is_next(loopdev, env, start_daemon) -> None:
@@ -215,7 +230,7 @@ def test_misconfiguration_refuses_to_arm(loopdev, env, start_daemon, ramdir: Pat
     _, err = missing.communicate(timeout=30)
     assert missing.returncode == 3
     assert "refusing to arm" in err and "/dev/no-such-stick" in err
-    assert not (ramdir / "control.sock").exists() and not list(ramdir.glob("audit-*"))
+    assert not (ramdir / "control.sock").exists() and not list(ramdir.rglob("audit-*"))
 
 
 def test_sigterm_stops_cleanly(loopdev, env, start_daemon, ramdir: Path) -> None:
@@ -273,9 +288,128 @@ def test_check_after_dropping_caches_shows_what_is_really_locked(loopdev, env, s
     proc = run_cli(env, "check", "--json", "--drop-caches")
     items = {i["name"]: i for i in json.loads(proc.stdout)["items"]}
     assert items["daemon"]["ok"] and items["medium"]["ok"]
+    assert items["fallback"]["ok"]  # the daemon sees the system's RAM file systems
     res = items["resident"]
     assert "after dropping the page cache" in res["detail"]
     # the daemon is mlockall'ed; the files memlockd would hold are not locked by anything on
     # this machine (no memlockd), so after the drop they are reported missing
     assert "daemon: mlockall=True" in res["detail"] and armed["resident"]["mlockall"]
     assert not res["ok"] and "not resident: /" in res["detail"] and "memlockd" in res["fix"]
+
+
+# ---- arming: every refusal before any irreversible step ----
+
+
+class FakeKexec:
+    """Stands in for kexec.stage: a real one in live mode would load (and, with kexec_lock,
+    lock) an image on this host. Records whether arming got as far as staging."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def stage(self, *args: object, **kwargs: object):  # noqa: ANN201
+        from killcord.kexec import Staged
+
+        self.calls.append("stage")
+        return Staged(None, None, "", "none", False, error="fake")
+
+
+def fake_lock_all() -> None:
+    """mlockall in the test runner would lock all of pytest's memory."""
+
+
+@pytest.fixture
+def in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKexec]:
+    from killcord import kexec, resident
+
+    fake = FakeKexec()
+    monkeypatch.setattr(kexec, "stage", fake.stage)
+    monkeypatch.setattr(resident, "lock_all", fake_lock_all)
+    yield fake
+    arm_fds = sys.modules.get("killcord.arm_fds")  # the directories arm() held open
+    if arm_fds is not None:
+        arm_fds.release_all()
+
+
+def test_a_state_dir_not_in_ram_is_refused_before_kexec_is_staged(loopdev, ramdir: Path, tmp_path: Path,
+                                                                   in_process: FakeKexec) -> None:
+    from killcord import daemon
+    from killcord.config import Config
+
+    assert daemon.fs_type(tmp_path) not in daemon.RAM_FS.values()  # a disk
+    cfg = Config(mode="live", medium=loopdev(), state_dir=tmp_path / "state", socket=ramdir / "c.sock",
+                 kexec_kernel="none", kexec_initrd="none", kexec_lock=True)
+    with pytest.raises(daemon.ArmError, match="not in RAM"):
+        daemon.Daemon(cfg).arm()
+    assert in_process.calls == []  # refused before staging (and locking) kexec
+
+
+def test_an_unsafe_state_dir_is_refused_before_kexec_is_staged(loopdev, ramdir: Path,
+                                                               in_process: FakeKexec) -> None:
+    from killcord import daemon
+    from killcord.config import Config
+
+    state = ramdir / "state"
+    state.mkdir()
+    os.chown(state, 65534, 65534)  # a local user's directory: they could plant links in it
+    cfg = Config(medium=loopdev(), state_dir=state, socket=ramdir / "c.sock", kexec_kernel="none")
+    with pytest.raises(daemon.ArmError, match="owned by uid 65534"):
+        daemon.Daemon(cfg).arm()
+    assert in_process.calls == [] and list(state.iterdir()) == []
+
+
+def test_a_medium_copied_to_ram_arms_for_panic_only(ramdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     in_process: FakeKexec) -> None:
+    """toram: the medium was copied to RAM and released; refusing would loop until systemd
+    gives up, and lose panic too."""
+    from killcord import cli, control, daemon, medium
+    from killcord.config import Config
+
+    def released(spec: str, live_mount: Path) -> medium.Medium:
+        raise medium.MediumInRam("the live medium was copied to RAM (toram) and released")
+
+    monkeypatch.setattr(medium, "resolve", released)
+    d = daemon.Daemon(Config(state_dir=ramdir, socket=ramdir / "c.sock", kexec_kernel="none"))
+    d.arm()
+    try:
+        st = d.status()
+        assert st.state == "armed" and st.medium is None
+        assert st.medium_note is not None and "panic only" in st.medium_note and "toram" in st.medium_note
+        assert d.machine.watched == frozenset()
+        assert "medium:   none (armed for panic only" in cli._render_status(st)
+        reply, then = d.cmd_panic(control.Peer(1, 0, 0, ()))
+        assert isinstance(reply, control.PanicReply) and reply.state == "firing" and then is not None
+        d.feed(then)
+        assert d.machine.state.value == "fired"
+    finally:
+        assert d.server is not None
+        d.server.close()
+
+
+def test_socket_in_a_directory_anyone_can_write_is_refused(loopdev, env, start_daemon, ramdir: Path) -> None:
+    public = ramdir / "public"
+    public.mkdir()
+    public.chmod(0o1777)  # as /tmp: anyone could plant a link where the socket goes
+    proc = start_daemon(medium=loopdev(), socket=str(public / "control.sock"))
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 3
+    assert "refusing to arm" in err and str(public) in err and "writable by group or others" in err
+    assert list(public.iterdir()) == []
+
+
+def test_records_are_roots_alone_and_the_socket_stays_reachable(loopdev, env, start_daemon, ramdir: Path) -> None:
+    start_daemon(medium=loopdev(), panic_group="users")
+    wait_for(env, "armed")
+    sock = ramdir / "control.sock"
+    assert stat.S_IMODE(sock.lstat().st_mode) == 0o666 and stat.S_ISSOCK(sock.lstat().st_mode)
+    ok = run_cli(env, "panic", user=65534, groups="100")  # panic_group reaches the socket
+    assert ok.returncode == 0, ok.stderr
+    fired = wait_for(env, "fired")
+    record = Path(fired["stages"][1]["detail"]["record"])
+    records = ramdir / "records"
+    assert record.parent == records and record.is_file()
+    assert stat.S_IMODE(records.stat().st_mode) == 0o700 and records.stat().st_uid == 0
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in records.iterdir())
+    code = ("import os, sys\nos.setgroups([100]); os.setgid(65534); os.setuid(65534)\n"
+            f"try:\n    os.listdir({str(records)!r})\nexcept PermissionError:\n    sys.exit(13)\n")
+    assert subprocess.run([sys.executable, "-c", code], timeout=30).returncode == 13

@@ -73,3 +73,22 @@ def test_missing_slabinfo_is_logged_not_fatal(ramdir: Path, monkeypatch: pytest.
     assert m.results[1].outcome is Outcome.FAILED
     assert Path(str(m.results[1].detail["record"])).exists()  # the event record is still kept
     assert m.results[2].stage is Stage.KEXEC
+
+
+def test_the_fallback_imports_nothing_and_says_what_it_would_free(ramdir: Path) -> None:
+    """No kexec image: the poweroff stage is the daemon's own fallback (fallback.py). In
+    dry-run it counts what it would free on the RAM file systems and frees nothing."""
+    log.setup()
+    secret = ramdir / "secret"
+    secret.write_bytes(b"s" * 8192)
+    m = Machine(DEFAULT_DEADLINES_MS)
+    f = Firer(m, Staged(None, None, "", "none", False, error="no image"), ramdir, live=False)
+    before = set(sys.modules)
+    finished = f.drive(m.feed(Panic(0, 1)))
+    assert set(sys.modules) - before == set()
+    assert finished is not None and finished.ok
+    poweroff = m.results[-1]
+    assert (poweroff.stage, poweroff.outcome) == (Stage.POWEROFF, Outcome.DRY)
+    scrubbed = poweroff.detail["scrubbed"]
+    assert isinstance(scrubbed, dict) and scrubbed["files"] >= 1 and scrubbed["mounts"]
+    assert secret.read_bytes() == b"s" * 8192  # dry: nothing freed

@@ -1,7 +1,10 @@
 """Tests for killcord.kill.
 
 Live kills run ONLY inside a fresh PID namespace (tests/pidns_driver.py under unshare); on the
-host these tests only read /proc, and drive the kill loop with fake signal senders.
+host these tests only read /proc, and drive the kill loop with fake signal senders. A fake
+/proc is bind-mounted over /proc in a private mount namespace, so the code reads it however it
+reaches /proc. Expectations come from what the tests know: the processes they started, the
+entries they wrote, and the kernel's own words (/proc/PID/status), never from kill.py's parser.
 """
 
 from __future__ import annotations
@@ -24,12 +27,24 @@ from killcord import kill
 from killcord.events import Outcome
 
 REPO = Path(__file__).resolve().parents[1]
+SRC = Path(kill.__file__).resolve().parents[1]  # the tree under test (PYTHONPATH may say which)
 DRIVER = REPO / "tests" / "pidns_driver.py"
 SCENARIOS = ("forktree", "sigterm", "spawner", "threads", "mixed")
-STATIC_SCENARIOS = ("sigterm", "threads")  # no victim forks or exits on its own
+RAW_SYS_EXIT = os.uname().machine in ("x86_64", "aarch64")
+# What pidns_driver starts, counted by hand: in "sigterm", a session leader with a child and
+# five lone victims; in "threads", a busy multi-threaded one, a blocked reader, a zombie's
+# parent and (given a raw SYS_exit) a zombie leader with live threads.
+STATIC_VICTIMS = {"sigterm": 7, "threads": 4 if RAW_SYS_EXIT else 3}
+STATIC_ZOMBIES = {"sigterm": 0, "threads": 1}
+ZOMBIE_EXIT_CODE = 7  # pidns_driver.ZOMBIE_EXIT_CODE
+# Upper bounds from the driver's own limits: 4 trees of at most 1 + 80 processes; 4 spawners
+# of at most 8 live children each.
+MAX_LIVE = {"forktree": 4 * 81, "spawner": 4 * (1 + 8)}
+MAX_LIVE["mixed"] = sum(STATIC_VICTIMS.values()) + MAX_LIVE["forktree"] + MAX_LIVE["spawner"]
 IS_ROOT = os.geteuid() == 0
 UNSHARE = shutil.which("unshare")
 THROWAWAY_UID = 59999  # an unused uid: a process running as it can only signal its own kind
+PF_KTHREAD = 0x00200000  # include/linux/sched.h: "I am a kernel thread"
 
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (PID namespaces, setuid)")
 needs_pidns = pytest.mark.skipif(
@@ -47,7 +62,7 @@ def _driver_env(with_host_ns: bool = True) -> dict[str, str]:
     env.pop("KILLCORD_TEST_HOST_PIDNS", None)
     if with_host_ns:
         env["KILLCORD_TEST_HOST_PIDNS"] = str(_host_pidns())
-    src = str(REPO / "src")
+    src = str(SRC)
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
@@ -59,12 +74,18 @@ def _unshare(*args: str) -> list[str]:
     return [UNSHARE, "--pid", "--fork", "--mount-proc", "--kill-child", *args]
 
 
-def _state(pid: int) -> str | None:
+def _status(pid: int) -> dict[str, str] | None:
+    """/proc/PID/status as the kernel words it (not kill.py's stat parser)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return kill.parse_stat(f.read()).state
-    except FileNotFoundError:
+        with open(f"/proc/{pid}/status", encoding="utf-8", errors="replace") as f:
+            return {k: v.strip() for k, _, v in (line.partition(":") for line in f)}
+    except (FileNotFoundError, ProcessLookupError):
         return None
+
+
+def _state(pid: int) -> str | None:
+    status = _status(pid)
+    return None if status is None else status["State"][:1]
 
 
 def _wait_state(pid: int, states: str, timeout: float = 10.0) -> str | None:
@@ -104,8 +125,8 @@ def test_parse_stat_comm_with_parens_and_spaces() -> None:
 def test_parse_stat_real_kernel_thread_flag() -> None:
     line = b"2 (kthreadd) S 0 0 0 0 -1 2129984 0 0 0 0 0 0 0 0 20 0 1 0 9 0 0 18446744073709551615 0 0 0 0 0 0 0 2147483647 0 0 0 0 0 0 1 0 0 0 0 0 0 0 0 0 0 0 0 0\n"  # noqa: E501
     got = kill.parse_stat(line)
-    assert (got.pid, got.comm, got.state, got.ppid) == (2, b"kthreadd", "S", 0)
-    assert got.flags & kill.PF_KTHREAD
+    assert (got.pid, got.comm, got.state, got.ppid, got.flags) == (2, b"kthreadd", "S", 0, 2129984)
+    assert got.flags & PF_KTHREAD
 
 
 @given(
@@ -132,7 +153,7 @@ def test_parse_stat_self() -> None:
     assert got.pid == os.getpid()
     assert got.ppid == os.getppid()
     assert got.state == "R"
-    assert not got.flags & kill.PF_KTHREAD
+    assert not got.flags & PF_KTHREAD
 
 
 def test_weird_comm_process_is_read_and_targeted() -> None:
@@ -157,17 +178,24 @@ def test_weird_comm_process_is_read_and_targeted() -> None:
 # ---- targets() on the host: read-only ----
 
 
+def _kthreadd_visible() -> bool:
+    status = _status(2)
+    return status is not None and status.get("Name") == "kthreadd" and status.get("PPid") == "0"
+
+
 def _kernel_threads() -> set[int]:
-    """Independently of kill.py: the Kthread: line of /proc/PID/status (Linux >= 6.3)."""
+    """Independently of kill.py: the kernel's Kthread: line in /proc/PID/status (Linux >= 6.3);
+    before it, kthreadd and its children (every kernel thread but the idle ones, which /proc
+    does not list)."""
     found = set()
     for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/status") as f:
-                    if "Kthread:\t1\n" in f.read():
-                        found.add(int(name))
-            except (FileNotFoundError, ProcessLookupError):
-                pass
+        if name.isdigit() and (status := _status(int(name))) is not None:
+            if "Kthread" in status:
+                kernel = status["Kthread"] == "1"
+            else:
+                kernel = _kthreadd_visible() and (name == "2" or status.get("PPid") == "2")
+            if kernel:
+                found.add(int(name))
     return found
 
 
@@ -177,14 +205,11 @@ def test_targets_spare_init_self_and_kernel_threads(sleeper: subprocess.Popen[by
     assert 1 not in found
     assert os.getpid() not in found
     assert sleeper.pid in found
+    assert os.getppid() in found  # pytest's parent: an ordinary process of the host
     kthreads = _kernel_threads()
+    if _kthreadd_visible():  # a host, not a container: its kernel threads are listed
+        assert {2} < kthreads
     assert not kthreads & set(found), "kernel threads must never be targets"
-    for pid in found:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            assert not kill.parse_stat(f.read()).flags & kill.PF_KTHREAD
-    # If the kernel has kthreadd (the host does), it and its children are spared.
-    if 2 in kthreads:
-        assert 2 not in found
 
 
 def test_targets_own_pid_argument(sleeper: subprocess.Popen[bytes]) -> None:
@@ -226,6 +251,7 @@ def test_targets_include_zombie_leader_with_live_threads() -> None:
 
 
 def _fake_proc(root: Path, procs: dict[int, bytes]) -> None:
+    root.mkdir(exist_ok=True)
     for pid, line in procs.items():
         (root / str(pid)).mkdir()
         (root / str(pid) / "stat").write_bytes(line)
@@ -233,8 +259,34 @@ def _fake_proc(root: Path, procs: dict[int, bytes]) -> None:
         (root / other).mkdir()
 
 
-def test_targets_rules_on_a_fake_proc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    kt = kill.PF_KTHREAD
+# Runs in a fresh PID and mount namespace: bind the fake over /proc first, import kill after,
+# then evaluate the expression. Only dry runs and reads: nothing here may signal. No
+# monkeypatching of kill.py's internals: however it reaches /proc, it finds the fake.
+_IN_FAKE_PROC = """
+import json, subprocess, sys, time
+subprocess.run(["mount", "--bind", sys.argv[1], "/proc"], check=True)
+from killcord import kill
+from killcord.events import Outcome
+print(json.dumps(eval(sys.argv[2])))
+"""
+
+
+def _with_fake_proc(root: Path, expr: str) -> object:
+    """The value of `expr` (with `kill` imported) where /proc is the fake at `root`."""
+    assert UNSHARE is not None
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    proc = subprocess.run(
+        [UNSHARE, "--mount", "--pid", "--fork", "--kill-child", sys.executable, "-c", _IN_FAKE_PROC,
+         str(root), expr],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@needs_pidns
+def test_targets_rules_on_a_fake_proc(tmp_path: Path) -> None:
+    kt = PF_KTHREAD
     _fake_proc(tmp_path, {
         1: _stat_line(1, b"init", b"S", 0, 0x400100, 1),
         2: _stat_line(2, b"kthreadd", b"S", 0, kt, 1),
@@ -249,33 +301,32 @@ def test_targets_rules_on_a_fake_proc(tmp_path: Path, monkeypatch: pytest.Monkey
         15: _stat_line(15, b"stopped", b"T", 11, 0x400000, 1),
         16: b"garbage",
     })
-    monkeypatch.setattr(kill, "_PROC", str(tmp_path))
-    assert sorted(kill.targets(own_pid=10)) == [11, 14, 15]
-    assert sorted(kill.targets(own_pid=11)) == [10, 14, 15]
+    assert _with_fake_proc(tmp_path, "sorted(kill.targets(own_pid=10))") == [11, 14, 15]
+    assert _with_fake_proc(tmp_path, "sorted(kill.targets(own_pid=11))") == [10, 14, 15]
 
 
-def test_services_pid1_restarts_after_the_kill_began_are_not_chased(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@needs_pidns
+def test_services_pid1_restarts_after_the_kill_began_are_not_chased(tmp_path: Path) -> None:
     # systemd restarts killed services while the kill runs (and they start children): what
-    # is born after the cutoff is fresh (the next stage ends it); what is older must die
+    # is born after the kill began is fresh (the next stage ends it); what is older must die.
+    # "After" here: a start time (clock ticks since boot) decades from now.
+    future = 100 * 365 * 86400 * os.sysconf("SC_CLK_TCK")
     _fake_proc(tmp_path, {
         1: _stat_line(1, b"systemd", b"S", 0, 0x400100, 1, starttime=1),
-        20: _stat_line(20, b"journald", b"S", 1, 0x400100, 1, starttime=500),  # respawned
+        20: _stat_line(20, b"journald", b"S", 1, 0x400100, 1, starttime=future),  # respawned
         21: _stat_line(21, b"sshd", b"S", 1, 0x400100, 1, starttime=90),  # was there
-        22: _stat_line(22, b"ldd", b"S", 20, 0x400100, 1, starttime=600),  # the respawn's child
-        23: _stat_line(23, b"killcord", b"R", 1, 0x400000, 1, starttime=80),
+        22: _stat_line(22, b"ldd", b"S", 20, 0x400100, 1, starttime=future + 5),  # its child
     })
-    monkeypatch.setattr(kill, "_PROC", str(tmp_path))
-    # what was there before the cutoff dies; what PID 1 (or a respawn) started since is fresh
-    assert sorted(kill._scan(23, respawn_after=100)) == [21]
-    assert sorted(kill._scan(23)) == [20, 21, 22]
+    dry = _with_fake_proc(tmp_path, "kill.kill_all(time.monotonic() + 5, live=False).as_dict()")
+    assert isinstance(dry, dict)
+    assert (dry["outcome"], dry["targets"], dry["remaining"]) == ("dry", 1, [21])
+    # merely listing targets has no cutoff: all three
+    assert _with_fake_proc(tmp_path, "sorted(kill.targets())") == [20, 21, 22]
     assert kill.parse_stat(_stat_line(7, b"x", b"S", 1, 0, 1, starttime=12345)).starttime == 12345
 
 
-def test_targets_in_a_pid_namespace_pid2_is_ordinary(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@needs_pidns
+def test_targets_in_a_pid_namespace_pid2_is_ordinary(tmp_path: Path) -> None:
     # No kthreadd in a PID namespace: PID 2 is a normal process, and so are its children.
     _fake_proc(tmp_path, {
         1: _stat_line(1, b"init", b"S", 0, 0x400100, 1),
@@ -283,8 +334,7 @@ def test_targets_in_a_pid_namespace_pid2_is_ordinary(
         3: _stat_line(3, b"worker", b"S", 2, 0x400040, 1),
         4: _stat_line(4, b"killcord", b"R", 1, 0x400000, 1),
     })
-    monkeypatch.setattr(kill, "_PROC", str(tmp_path))
-    assert sorted(kill.targets(own_pid=4)) == [2, 3]
+    assert _with_fake_proc(tmp_path, "sorted(kill.targets(own_pid=4))") == [2, 3]
 
 
 def test_dry_run_sends_nothing(
@@ -417,16 +467,38 @@ def test_live_kill_in_pid_namespace(scenario: str) -> None:
     out = _run_driver(scenario)
     report = out["report"]
     assert isinstance(report, dict) and "error" not in report, out
-    assert out["survivors"] == [], out
+    reaped: dict[int, int] = {pid: code for pid, code in out["reaped"]}  # type: ignore[union-attr]
+    victims = set(out["victims"]) | set(out["late"])  # type: ignore[arg-type]
+    zombies = set(out["zombies"])  # type: ignore[arg-type]
+    killer = out["killcord"]
+    sigkilled = {pid for pid, code in reaped.items() if code == -signal.SIGKILL}
+
+    # Every process the test saw running is gone, killed by SIGKILL; nothing is left.
+    assert out["survivors"] == [] and out["empty"] is True, out
+    assert victims and victims <= sigkilled, {v: reaped.get(v) for v in victims - sigkilled}
+    assert set(out["spawned"]) <= sigkilled  # type: ignore[arg-type]
+    # The killer spared itself (and PID 1, which prints this); zombies were dead already.
+    assert reaped[killer] == 0, out  # type: ignore[index]
+    assert {reaped.get(z) for z in zombies} <= {ZOMBIE_EXIT_CODE}, out
+    assert killer not in victims and not zombies & victims
+
     assert report["outcome"] == "done", out
     assert report["remaining"] == [], out
-    started = out["victims_started"]
-    assert isinstance(started, int) and started > 0
-    assert report["targets"] >= started, out
     assert report["killed"] == report["targets"], out
     assert report["rounds"] >= 1
-    if scenario in STATIC_SCENARIOS:
-        assert report["targets"] == started, out  # exactly the victims: no more, no fewer
+    # targets: every victim that said it ran before the kill began; at most every process
+    # that then lived (all reaped by this PID 1 once their parents were dead), live or not
+    lived = set(reaped) - zombies - {killer}
+    assert len(out["victims"]) <= report["targets"] <= len(lived), out  # type: ignore[arg-type]
+    if scenario in STATIC_VICTIMS:  # no victim forks or exits on its own: the count is known
+        assert len(victims) == STATIC_VICTIMS[scenario], out
+        assert len(zombies) == STATIC_ZOMBIES[scenario], out
+        assert report["targets"] == report["killed"] == STATIC_VICTIMS[scenario], out
+        assert sigkilled == victims, out  # exactly the test's processes died by our hand
+        assert set(reaped) == victims | zombies | {killer}, out
+    else:
+        assert report["targets"] <= MAX_LIVE[scenario], out
+        assert len(sigkilled) <= MAX_LIVE[scenario], out
 
 
 # ---- the driver's own safety interlock ----
@@ -509,8 +581,14 @@ def test_driver_refuses_host_procfs() -> None:
     assert "refusing" in proc.stderr and "mount-proc" in proc.stderr
 
 
-def test_describe_names_what_a_kill_left(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@needs_pidns
+def test_describe_names_what_a_kill_left(tmp_path: Path) -> None:
     _fake_proc(tmp_path, {31: _stat_line(31, b"stuck-io", b"D", 1, 0x400100, 2)})
-    monkeypatch.setattr(kill, "_PROC", str(tmp_path))
-    assert kill.describe((31, 32)) == {"31": "stuck-io (D, 2 threads)", "32": "gone"}
-    assert list(kill.describe(tuple(range(40, 60)))) == [str(p) for p in range(40, 48)]  # at most 8
+    assert _with_fake_proc(tmp_path, "kill.describe((31, 32))") == {
+        "31": "stuck-io (D, 2 threads)", "32": "gone"}
+    # at most 8
+    assert _with_fake_proc(tmp_path, "list(kill.describe(tuple(range(40, 60))))") == [
+        str(p) for p in range(40, 48)]
+    # as a report of a kill that left them says
+    left = "kill.KillReport(Outcome.TIMED_OUT, 2, 1, (31,), 3, 5.0).as_dict()['stuck']"
+    assert _with_fake_proc(tmp_path, left) == {"31": "stuck-io (D, 2 threads)"}

@@ -37,9 +37,9 @@ OTHER = "/devices/pci0000:00/0000:00:14.0/usb1/1-2/1-2:1.0/host2/target2:0:0/2:0
 WATCHED = frozenset({PART, DISK, USB})
 
 
-def armed(watched: frozenset[str] = WATCHED, optical: frozenset[str] = frozenset()) -> Machine:
+def armed(watched: frozenset[str] = WATCHED, media_watched: frozenset[str] = frozenset()) -> Machine:
     m = Machine(DEFAULT_DEADLINES_MS)
-    assert m.feed(Armed(watched, optical)) == []
+    assert m.feed(Armed(watched, media_watched)) == []
     assert m.state is State.ARMED
     return m
 
@@ -84,6 +84,22 @@ def test_optical_change_fires_only_when_the_disc_is_gone() -> None:
     assert m.feed(Uevent("change", CD, "block", "disk", media_present=True)) == []
     assert m.feed(Uevent("change", CD, "block", "disk", media_present=None)) == []
     assert m.feed(Uevent("change", CD, "block", "disk", media_present=False))[0].stage is Stage.KILL
+
+
+def test_removable_disk_change_to_no_media_fires() -> None:
+    """An SD card out of a USB reader: the disk stays, its size becomes 0 (a `change`, no `remove`)."""
+    m = armed(WATCHED, media_watched=frozenset({DISK}))
+    assert m.media_watched == frozenset({DISK})
+    assert m.feed(Uevent("change", DISK, "block", "disk", media_present=True)) == []
+    assert m.feed(Uevent("change", PART, "block", "partition", media_present=None)) == []  # re-read
+    assert m.feed(Uevent("change", DISK, "block", "disk", media_present=False))[0].stage is Stage.KILL
+    assert m.trigger == f"uevent change {DISK}"
+    # no media on a disk that is not media-watched (a partition, a fixed disk, not ours): no fire
+    m = armed(WATCHED, media_watched=frozenset({DISK}))
+    assert m.feed(Uevent("change", PART, "block", "partition", media_present=False)) == []
+    assert m.feed(Uevent("change", OTHER, "block", "disk", media_present=False)) == []
+    assert armed(WATCHED).feed(Uevent("change", DISK, "block", "disk", media_present=False)) == []
+    assert m.state is State.ARMED
 
 
 def test_uevents_while_arming_are_ignored_but_panic_and_absence_fire() -> None:

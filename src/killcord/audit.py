@@ -8,10 +8,11 @@ snapshot from being written.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+from killcord import statedir
 
 SLABINFO = Path("/proc/slabinfo")
 
@@ -195,39 +196,14 @@ def _utc_stamp() -> str:
     return now.strftime("%Y%m%dT%H%M%S") + f".{now.microsecond // 1000:03d}Z"
 
 
-def _unique_stamp(state_dir: Path) -> str:
+def _unique_stamp(records: int) -> str:
     """The UTC stamp, suffixed -1, -2... if a record within the same millisecond took it."""
     base = stamp = _utc_stamp()
     n = 0
-    while (state_dir / f"audit-{stamp}.json").exists() or (state_dir / f"slabinfo-{stamp}.txt").exists():
+    while statedir.exists(records, f"audit-{stamp}.json") or statedir.exists(records, f"slabinfo-{stamp}.txt"):
         n += 1
         stamp = f"{base}-{n}"
     return stamp
-
-
-def _ensure_dir(state_dir: Path) -> None:
-    if state_dir.is_dir():
-        return
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(state_dir, 0o700)  # mkdir's mode is filtered by the umask
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    # O_EXCL on a per-pid temp name: never follow or reuse something planted there.
-    # No fsync: state_dir is a tmpfs (RAM only) and the next stage replaces the kernel.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # e.g. ENOSPC on a full tmpfs: leave no half file behind
-        raise
 
 
 def _summary(snapshot: bytes) -> dict[str, object]:
@@ -239,17 +215,19 @@ def _summary(snapshot: bytes) -> dict[str, object]:
 
 
 def record(state_dir: Path, snapshot: bytes, meta: dict[str, object]) -> Path:
-    """Write slabinfo-<stamp>.txt (raw) then audit-<stamp>.json; return the JSON path.
+    """Write slabinfo-<stamp>.txt (raw) then audit-<stamp>.json in state_dir/records (see
+    statedir: root's alone, no link followed); return the JSON path.
 
-    The snapshot is written first so the JSON never names a file that is not there.
+    The snapshot is written first so the JSON never names a file that is not there. The
+    daemon holds the records directory open since arm time (statedir.hold_records).
     """
-    _ensure_dir(state_dir)
-    stamp = _unique_stamp(state_dir)
-    snap_path = state_dir / f"slabinfo-{stamp}.txt"
-    json_path = state_dir / f"audit-{stamp}.json"
-    _write_atomic(snap_path, snapshot)
-    doc = {**meta, "recorded_at": stamp, "snapshot": snap_path.name, "snapshot_bytes": len(snapshot)}
-    doc.update(_summary(snapshot))
-    # default=str: meta may carry Paths or enums; an unserialisable value must not lose the audit
-    _write_atomic(json_path, json.dumps(doc, indent=2, default=str).encode("utf-8") + b"\n")
-    return json_path
+    with statedir.Records(state_dir) as records:
+        stamp = _unique_stamp(records)
+        snap_name = f"slabinfo-{stamp}.txt"
+        json_name = f"audit-{stamp}.json"
+        statedir.write_atomic(records, snap_name, snapshot)
+        doc = {**meta, "recorded_at": stamp, "snapshot": snap_name, "snapshot_bytes": len(snapshot)}
+        doc.update(_summary(snapshot))
+        # default=str: meta may carry Paths or enums; an unserialisable value must not lose the audit
+        statedir.write_atomic(records, json_name, json.dumps(doc, indent=2, default=str).encode("utf-8") + b"\n")
+    return statedir.records_path(state_dir) / json_name

@@ -8,6 +8,7 @@ from pathlib import Path
 import psutil
 
 from killcord import audit, control, kexec, medium, resident
+from killcord.cmdline import CmdlineError, last_value, read_proc, sanitize
 from killcord.config import Config
 
 
@@ -23,34 +24,27 @@ class Item:
         return asdict(self)
 
 
-def _last_value(cmdline: str, key: str) -> str | None:
-    # the kernel takes the last occurrence
-    value = None
-    for token in kexec.split_cmdline(cmdline.split(" -- ")[0]):
-        k, _, v = token.partition("=")
-        if k == key:
-            value = v
-    return value
-
-
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 
 
 def run(config: Config, cmdline: str | None = None, drop_caches: bool = False) -> list[Item]:
-    cmdline = Path("/proc/cmdline").read_text() if cmdline is None else cmdline
+    cmdline = read_proc() if cmdline is None else cmdline
     items = [Item("mode", config.live, False, f"mode = {config.mode!r}",
                   "" if config.live else 'killcord acts for real only with mode = "live" in /etc/killcord/killcord.toml')]
     try:
         m = medium.resolve(config.medium, config.live_medium_mount)
         items.append(Item("medium", True, True, f"{m.device} via {m.source}, {len(m.devpaths)} devpaths watched"))
+    except medium.MediumInRam as exc:
+        items.append(Item("medium", False, False, f"none, panic only: {exc}",
+                          "nothing to pull once the medium is in RAM; `killcord panic` still fires"))
     except (medium.MediumError, medium.MediumAbsent) as exc:
         items.append(Item("medium", False, True, str(exc), 'set medium = "/dev/..." (or serial:, uuid:, id-path:)'))
-    iof = _last_value(cmdline, "init_on_free")
+    iof = last_value(cmdline, "init_on_free")
     items.append(Item("init_on_free", iof == "1", False,
                       f"init_on_free={iof}" if iof is not None else "init_on_free not on the kernel command line",
                       "" if iof == "1" else "add init_on_free=1 to the boot loader's kernel command line: "
                       "memory freed by killed processes is then zeroed at once"))
-    items.append(_kexec_item(config))
+    items.append(_kexec_item(config, cmdline))
     try:
         audit.parse(audit.read_snapshot().decode())
         items.append(Item("slabinfo", True, False, f"{audit.SLABINFO} readable"))
@@ -65,7 +59,12 @@ def run(config: Config, cmdline: str | None = None, drop_caches: bool = False) -
     return items
 
 
-def _kexec_item(config: Config) -> Item:
+def _kexec_item(config: Config, cmdline: str) -> Item:
+    try:
+        sanitize(cmdline, config.kexec_append)
+    except CmdlineError as exc:
+        return Item("kexec", False, True, f"not staged: the wipe kernel's command line cannot be made safe: {exc}",
+                    exc.fix)
     if kexec.is_loaded():
         return Item("kexec", True, True, "an image is staged (/sys/kernel/kexec_loaded = 1)")
     if not kexec.KEXEC_LOADED.exists():
@@ -90,23 +89,51 @@ def _kexec_item(config: Config) -> Item:
 def _daemon_items(config: Config, drop_caches: bool) -> list[Item]:
     try:
         status = control.request(config.socket, "status", timeout=2.0)
-    except (control.DaemonUnavailable, OSError, ValueError) as exc:
-        return [Item("daemon", False, True, str(exc), "start it: systemctl enable --now killcord"),
-                Item("resident", False, True, "unknown: the daemon is not running", "start the daemon")]
-    armed = status.get("state") == "armed"
-    items = [Item("daemon", armed, True, f"pid {status.get('pid')}, state {status.get('state')}",
-                  "" if armed else "see `killcord status` and the journal")]
-    return items + [_resident_item(status, drop_caches)]
+    except control.NoAnswer as exc:
+        return [Item("daemon", False, True, str(exc), "start it: systemctl enable --now killcord"
+                     if exc.missing else "see `systemctl status killcord` and the journal"),
+                Item("resident", False, True, "unknown: the daemon does not answer", "start the daemon")]
+    if not isinstance(status, control.StatusReply):
+        return [Item("daemon", False, True, f"status refused: {status.error}", "run `killcord check` as root"),
+                Item("resident", False, True, "unknown: no status from the daemon", "run `killcord check` as root")]
+    armed = status.state == "armed"
+    detail = f"pid {status.pid}, state {status.state}"
+    if status.medium is None and status.medium_note:
+        detail += f"; medium: none ({status.medium_note})"
+    items = [Item("daemon", armed, True, detail, "" if armed else "see `killcord status` and the journal")]
+    return items + [_resident_item(status, drop_caches), _fallback_item(status.pid)]
 
 
-def _resident_item(status: dict, drop_caches: bool) -> Item:
+def _fallback_item(pid: int) -> Item:
+    """The poweroff fallback frees the RAM file systems the daemon sees: they must be the
+    system's, not copies in a mount namespace of its own (PrivateTmp=, ProtectSystem=...).
+    Compared by mount ids (a namespace's copies get new ones): /proc/1/ns/mnt itself may be
+    unreadable even to root inside a container, mountinfo is not."""
+    try:
+        ours, system = _mount_ids(str(pid)), _mount_ids("1")
+    except OSError as exc:
+        return Item("fallback", False, True, f"cannot check the daemon's mount namespace: {exc.strerror}",
+                    "run `killcord check` as root")
+    if ours != system:
+        return Item("fallback", False, True,
+                    "the daemon runs in a mount namespace of its own: its poweroff fallback would free "
+                    "private copies and leave the system's /tmp, /dev/shm and overlay in RAM",
+                    "remove PrivateTmp=, ProtectSystem=, ProtectHome= and PrivateMounts= from killcord.service drop-ins")
+    return Item("fallback", True, True, "the daemon sees the system's RAM file systems (same mounts as PID 1)")
+
+
+def _mount_ids(pid: str) -> list[str]:
+    with open(f"/proc/{pid}/mountinfo") as f:
+        return [line.split(" ", 1)[0] for line in f]
+
+
+def _resident_item(status: control.StatusReply, drop_caches: bool) -> Item:
     """The daemon itself is held by mlockall (the kernel keeps VM_LOCKED pages present);
     the files it would need again are held by memlockd: mincore over them, after dropping
     the page cache (root), shows only what is really locked."""
-    res = status.get("resident") or {}
-    assert isinstance(res, dict)
+    res = status.resident
     try:
-        pid = int(status["pid"])
+        pid = status.pid
         if drop_caches:
             DROP_CACHES.write_text("3\n")
         report = resident.report(list(resident.firing_path(pid=str(pid))))

@@ -42,29 +42,43 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         return _err(f"refusing to arm: {exc}", EXIT_ARM)
 
 
+# How long `panic` waits for the daemon's answer before root fires by itself: the daemon
+# answers in milliseconds; a daemon that does not (stalled, flooded, gone) must not keep
+# root's panic from firing.
+PANIC_DEADLINE_S = 2.0
+
+
 def cmd_panic(args: argparse.Namespace) -> int:
     from killcord import control
 
     config = _config(args)
     try:
-        reply = control.request(config.socket, "panic")
-    except control.DaemonUnavailable as exc:
+        reply = control.request(config.socket, "panic", timeout=PANIC_DEADLINE_S)
+    except control.NoAnswer as exc:
         return _panic_alone(config, str(exc))
-    if not reply.get("ok"):
-        return _err(str(reply.get("error")), EXIT_DENIED)
-    print(f"killcord: {reply.get('state')} ({reply.get('mode')})" + (f": {reply['note']}" if reply.get("note") else ""))
+    if not isinstance(reply, control.PanicReply):
+        assert isinstance(reply, control.ErrorReply)
+        if os.geteuid() == 0:  # never happens with a sound daemon; root fires regardless
+            return _panic_alone(config, f"the daemon refused: {reply.error}")
+        return _err(reply.error, EXIT_DENIED)
+    print(f"killcord: {reply.state} ({reply.mode})" + (f": {reply.note}" if reply.note else ""))
     return 0
 
 
 def _panic_alone(config, why: str) -> int:  # noqa: ANN001
-    """No daemon answers: run the sequence here, never silently do nothing."""
+    """No valid answer from a daemon: run the sequence here, never silently do nothing."""
     if os.geteuid() != 0:
-        return _err(f"permission denied: {why}, and only root can fire without the daemon", EXIT_DENIED)
-    from killcord import kexec, log
+        return _err(f"permission denied: {why}, and only root can fire without the daemon "
+                    "(ask root to run `killcord panic`)", EXIT_DENIED)
+    from killcord import kexec, log, statedir
     from killcord.events import Panic
     from killcord.fire import Firer
     from killcord.machine import Machine
 
+    if statedir.firing_elsewhere(config.state_dir):
+        # busy firing, hence silent: a second sequence would kill it mid-kexec or mid-wipe
+        print(f"killcord: {why}; the daemon is firing already: not starting a second sequence")
+        return 0
     log.setup(kmsg=config.live)
     print(f"killcord: {why}; firing here ({config.mode})", file=sys.stderr)
     machine = Machine(config.deadlines)
@@ -81,11 +95,12 @@ def cmd_recheck(args: argparse.Namespace) -> int:
     config = _config(args)
     try:
         reply = control.request(config.socket, "recheck")
-    except control.DaemonUnavailable as exc:
+    except control.NoAnswer as exc:
         return _err(str(exc), EXIT_NO_DAEMON)
-    if not reply.get("ok"):
-        return _err(str(reply.get("error")), EXIT_DENIED)
-    print(f"killcord: {reply.get('state')}" + (f" ({reply['trigger']})" if reply.get("trigger") else ""))
+    if not isinstance(reply, control.RecheckReply):
+        assert isinstance(reply, control.ErrorReply)
+        return _err(reply.error, EXIT_DENIED)
+    print(f"killcord: {reply.state}" + (f" ({reply.trigger})" if reply.trigger else ""))
     return 0
 
 
@@ -95,25 +110,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     config = _config(args)
     try:
         status = control.request(config.socket, "status")
-    except control.DaemonUnavailable as exc:
+    except control.NoAnswer as exc:
         if args.json:
-            print(json.dumps({"state": "stopped", "error": str(exc)}))
+            print(json.dumps({"state": "stopped" if exc.missing else "unreachable", "error": str(exc)}))
         return _err(str(exc), EXIT_NO_DAEMON)
+    if not isinstance(status, control.StatusReply):
+        assert isinstance(status, control.ErrorReply)
+        return _err(status.error, EXIT_FAILED)
     if args.json:
-        print(json.dumps(status, indent=2, default=str))
+        print(json.dumps(control.as_dict(status), indent=2, default=str))
         return 0
     print(_render_status(status))
     return 0
 
 
-def _render_status(s: dict) -> str:
-    med = s.get("medium") or {}
-    kx = s.get("kexec") or {}
-    res = s.get("resident") or {}
-    lines = [
-        f"state:    {s['state']} ({s['mode']}), pid {s['pid']}, version {s.get('version')}",
-        f"medium:   {med.get('device')} via {med.get('source')}" if med else "medium:   none",
-    ]
+def _render_status(s) -> str:  # noqa: ANN001  (control.StatusReply)
+    med = s.medium or {}
+    kx = s.kexec or {}
+    res = s.resident or {}
+    lines = [f"state:    {s.state} ({s.mode}), pid {s.pid}, version {s.version}"]
+    if med:
+        lines.append(f"medium:   {med.get('device')} via {med.get('source')}")
+    else:
+        lines.append("medium:   none" + (f" ({s.medium_note})" if s.medium_note else ""))
     lines += [f"          {d}" for d in med.get("devpaths", [])]
     lines.append(f"kexec:    {'staged' if kx.get('loaded') else 'NOT staged'} ({kx.get('method')})"
                  + (f": {kx.get('error')}" if kx.get("error") else ""))
@@ -121,12 +140,12 @@ def _render_status(s: dict) -> str:
         lines.append(f"          cmdline: {kx['cmdline']}")
     lines.append(f"resident: mlockall={res.get('mlockall')}, {res.get('locked_kib')} KiB locked, "
                  f"{res.get('resident_pages')}/{res.get('pages')} pages of {res.get('files')} files")
-    if s.get("trigger"):
-        lines.append(f"trigger:  {s['trigger']}")
-    for st in s.get("stages", []):
+    if s.trigger:
+        lines.append(f"trigger:  {s.trigger}")
+    for st in s.stages:
         lines.append(f"stage:    {st['name']:<9} {st['outcome']:<10} {st['duration_ms']:9.3f} ms  "
                      + _stage_note(st["outcome"], st.get("detail") or {}))
-    for ev in s.get("events", [])[-5:]:
+    for ev in s.events[-5:]:
         when = time.strftime("%H:%M:%S", time.localtime(ev.get("at", 0)))
         rest = " ".join(f"{k}={v}" for k, v in ev.items() if k not in ("at", "event"))
         lines.append(f"event:    {when} {ev.get('event')} {rest}")

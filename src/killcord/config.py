@@ -20,6 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from killcord import cmdline
 from killcord.events import STAGES, Stage
 
 DEFAULT_PATH = Path("/etc/killcord/killcord.toml")
@@ -33,12 +34,6 @@ DEFAULT_DEADLINES_MS: dict[Stage, int] = {
 }
 MAX_DEADLINE_MS = 120_000
 
-# Parameters the kexec target must not get from us: measured to keep RAM from being
-# wiped (vm-findings.md), or ours to set last. kexec.py strips them from the current line.
-_FORBIDDEN_APPEND = re.compile(
-    r"^(mem|memmap|crashkernel|hugepages|hugepagesz|default_hugepagesz|reserve_mem|cma|"
-    r"hugetlb_cma|efi_fake_mem|init_on_alloc|init_on_free|killcord\.wipe)(=|$)"
-)
 _MEDIUM_FORMS = ("auto", "/dev/...", "serial:<serial>", "uuid:<uuid>", "id-path:<id-path>")
 _CORD = re.compile(r"^serial:(?P<serial>[^@\s]+)@(?P<port>\d+-\d+(\.\d+)*)$")
 
@@ -105,12 +100,11 @@ class Config(BaseSettings):
     @field_validator("kexec_append")
     @classmethod
     def _append(cls, v: str) -> str:
-        for token in v.split():
-            if token == "--" or _FORBIDDEN_APPEND.match(token):
-                raise ValueError(
-                    f"{token!r} is not allowed in kexec_append: it keeps RAM from being wiped "
-                    "or is set by killcord itself (init_on_alloc=1 init_on_free=1 killcord.wipe=1 always go last)"
-                )
+        # cmdline.py parses it as the kernel will: quotes, "--", -/_ alike, crashkernel=.
+        try:
+            cmdline.check_append(v)
+        except cmdline.CmdlineError as exc:
+            raise ValueError(f"{exc}; {exc.fix}") from None
         return v
 
     @field_validator("panic_group")

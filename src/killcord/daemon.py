@@ -7,23 +7,27 @@ from __future__ import annotations
 import collections
 import grp
 import os
+import resource
 import selectors
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from killcord import __version__, control, kexec, log, medium, resident, watch
+from killcord import __version__, arm_fds, control, kexec, log, medium, resident, statedir, watch
 from killcord.config import Config
-from killcord.events import Armed, Event, MediumCheck, Panic, Stage, State, Uevent
+from killcord.events import Armed, Event, MediumCheck, Panic, State, Uevent
 from killcord.fire import Firer
 from killcord.machine import Machine
 
 RAM_FS = {0x01021994: "tmpfs", 0x858458F6: "ramfs"}  # statfs f_type magic numbers
 LAST_EVENTS = 20
+UEVENT_BATCH = 64  # uevents per loop turn: the control socket and the watchdog are served between
+BACKLOG_RECHECK_S = 0.1  # sysfs re-check period while uevents stay queued (see on_uevents)
 
 logger = structlog.get_logger("killcord.daemon")
 
@@ -50,22 +54,38 @@ class Daemon:
         self.config = config
         self.machine = Machine(config.deadlines)
         self.medium: medium.Medium | None = None
+        self.medium_note: str | None = None  # why no medium is watched, when none is
         self.cord: medium.Medium | None = None
         self.staged: kexec.Staged | None = None
         self.firer: Firer | None = None
+        self.server: control.Server | None = None
+        self.firing_lock: int | None = None  # statedir's firing lock, opened at arm time
         self.resident: dict[str, object] = {}
         self.events: collections.deque[dict[str, object]] = collections.deque(maxlen=LAST_EVENTS)
         self.absent: str | None = None
         self.panic_gid = grp.getgrnam(config.panic_group).gr_gid if config.panic_group else None
         self.started = time.time()
         self.stopping = False
+        self.overflows = 0
+        self.refusals: dict[str, tuple[float, int]] = {}  # command: (last logged, not logged since)
+        self.backlog_since: float | None = None  # uevents left queued since (a storm)
+        self.backlog_checked = float("-inf")
+        self._overflow_logged = float("-inf")
+        self.sel: selectors.BaseSelector = selectors.DefaultSelector()
+        # One handler per entry of control.COMMANDS (who may send each is decided there).
+        self.handlers: dict[str, Callable[[control.Peer], tuple[control.Reply, Event | None]]] = {
+            "status": self.cmd_status, "panic": self.cmd_panic, "recheck": self.cmd_recheck}
+        assert self.handlers.keys() == control.COMMANDS.keys()
 
     # ---- arming ----
 
     def arm(self) -> None:
+        """Every check that can refuse runs first; the irreversible steps (staging kexec,
+        and locking kexec_load_disabled with kexec_lock) come after the last of them."""
         cfg = self.config
         logger.info("arming", mode=cfg.mode, version=__version__, pid=os.getpid())
         log.notify(STATUS="arming")
+        raise_fd_limit()
         # Listen first: a removal during arming is then queued, not missed.
         self.watcher = watch.Watcher()
         self._find_medium()
@@ -74,25 +94,39 @@ class Daemon:
                 self.cord = medium.resolve_cord(cfg.cord)
             except medium.MediumError as exc:
                 raise ArmError(str(exc)) from None
+        self._check_state_dir()
+        try:
+            for setting, kind in ((cfg.kexec_kernel, "kernel"), (cfg.kexec_initrd, "initrd")):
+                kexec.find_image(setting, kind, cfg.live_medium_mount)  # a bad explicit path
+        except kexec.KexecError as exc:
+            raise ArmError(str(exc)) from None
+        try:
+            # Held from now on, so the firing path opens nothing from the root (arm_fds).
+            statedir.hold_records(cfg.state_dir)
+            self.firing_lock = statedir.open_firing_lock(cfg.state_dir)
+            arm_fds.hold_proc()
+            self.server = control.listen(cfg.socket, self.panic_gid)
+            if self.medium is not None:
+                medium.remember(self.medium, cfg.state_dir)
+        except OSError as exc:  # statedir.UnsafeStateDir among them
+            raise ArmError(f"state_dir or socket: {exc}") from None
+        # ---- irreversible from here: nothing below refuses to arm ----
         try:
             self.staged = kexec.stage(cfg.kexec_kernel, cfg.kexec_initrd, cfg.kexec_append,
                                       cfg.live, cfg.kexec_lock, cfg.live_medium_mount)
-        except kexec.KexecError as exc:
+        except kexec.KexecError as exc:  # raised before loading anything (checked above)
             raise ArmError(str(exc)) from None
         logger.info("staged", **self.staged.as_dict())
-        self._check_state_dir()
-        self.server = control.listen(cfg.socket)
         self.firer = Firer(self.machine, self.staged, cfg.state_dir, cfg.live)
         self._lock()
-        if self.medium is not None:
-            medium.remember(self.medium, cfg.state_dir)
         watched = frozenset(self.medium.devpaths if self.medium else ()) | frozenset(
             self.cord.devpaths if self.cord else ())
-        optical = self.medium.optical if self.medium else frozenset()
+        optical = self.medium.media_watched if self.medium else frozenset()
         self.machine.feed(Armed(watched, optical))
         logger.info("armed", medium=self.medium.device if self.medium else None,
-                    watched=len(watched), kexec_loaded=self.staged.loaded)
-        log.notify(READY=1, STATUS=f"armed on {self.medium.device if self.medium else 'nothing'}")
+                    watched=len(watched), kexec_loaded=self.staged.loaded, note=self.medium_note)
+        on = self.medium.device if self.medium else f"nothing ({self.medium_note or 'no medium'})"
+        log.notify(READY=1, STATUS=f"armed on {on}")
         # Removed before or while we armed (e.g. during a restart): fire now.
         if self.absent is not None:
             self.feed(MediumCheck(False, self.absent))
@@ -105,6 +139,11 @@ class Daemon:
             self.medium = medium.resolve(cfg.medium, cfg.live_medium_mount)
         except medium.MediumAbsent as exc:
             self.absent = str(exc)
+        except medium.MediumInRam as exc:
+            # Copied to RAM and released (toram): pulling the stick no longer matters, and
+            # refusing would lose panic too (a restart loop). Arm for panic only, and say so.
+            self.medium_note = f"armed for panic only: {exc}"
+            logger.warning("medium_in_ram", note=str(exc))
         except medium.MediumError as exc:
             recorded = medium.recorded_absent(cfg.state_dir)
             if recorded is None:
@@ -138,7 +177,11 @@ class Daemon:
     # ---- the loop ----
 
     def loop(self) -> None:
-        sel = selectors.DefaultSelector()
+        """One turn serves every ready source a bounded amount (UEVENT_BATCH uevents,
+        control.ACCEPT_BATCH connections, one read per client), then expires clients past
+        their deadline and pings the watchdog: no source can starve another."""
+        assert self.server is not None
+        sel = self.sel
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
@@ -146,91 +189,184 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
         sel.register(self.watcher.fileno(), selectors.EVENT_READ, "uevent")
-        sel.register(self.server, selectors.EVENT_READ, "accept")
+        sel.register(self.server.fileno(), selectors.EVENT_READ, "accept")
         sel.register(wake_r, selectors.EVENT_READ, "signal")
         interval = log.watchdog_interval()
         last_ping = time.monotonic()
         while not self.stopping:
-            for key, _ in sel.select(interval):
+            for key, mask in sel.select(self._timeout(interval, last_ping)):
                 if key.data == "uevent":
                     self.on_uevents()
                 elif key.data == "accept":
-                    self.on_accept(sel)
+                    self.on_accept()
                 elif key.data == "signal":
-                    wake_r.recv(64)
+                    try:
+                        wake_r.recv(64)
+                    except BlockingIOError:
+                        pass
                 else:
-                    self.on_client(sel, key.data)
+                    self.on_client(key.data, mask)
+            for client in self.server.overdue(time.monotonic()):
+                self._drop(client)
             if interval is not None and time.monotonic() - last_ping >= interval:
                 log.notify(WATCHDOG=1)
                 last_ping = time.monotonic()
         log.notify(STOPPING=1)
         logger.info("stopping", state=self.machine.state.value)
         self.server.close()
-        self.config.socket.unlink(missing_ok=True)
+
+    def _timeout(self, interval: float | None, last_ping: float) -> float | None:
+        now = time.monotonic()
+        waits = [] if interval is None else [last_ping + interval - now]
+        deadline = self.server.next_deadline() if self.server else None
+        if deadline is not None:
+            waits.append(deadline - now)
+        return max(0.0, min(waits)) if waits else None
 
     def _stop(self, signum: int, _frame: Any) -> None:
-        if self.machine.state is State.FIRING and self.machine.current is Stage.POWEROFF:
-            # systemd-shutdown is ending every process: the poweroff we asked for is under
-            # way. Waiting out our deadline would only hold it up.
-            logger.critical("poweroff_progressing", signal=signum)
-            os._exit(0)
+        if self.machine.state is State.FIRING:
+            # The sequence ends the machine itself (the poweroff fallback frees, wipes and
+            # powers off from this process): a stop now would leave RAM unwiped.
+            logger.critical("stop_ignored", signal=signum, stage=str(self.machine.current))
+            return
         self.stopping = True
 
     def on_uevents(self) -> None:
-        optical = self.medium.optical if self.medium else frozenset()
-        events, overflow = self.watcher.drain(optical)
-        for event in events:
-            self.feed(event)
-        if overflow:
-            logger.warning("overflow", note="uevents lost; re-checking the medium in sysfs")
-            self.recheck("enobufs")
+        """At most UEVENT_BATCH events, each fed to the machine as soon as it is read (a
+        watched devpath fires at once); the rest wait for the next turn of the loop."""
+        optical = self.medium.media_watched if self.medium else frozenset()
+        for _ in range(UEVENT_BATCH):
+            events, overflow = self.watcher.drain(optical, limit=1)
+            for event in events:
+                self.feed(event)
+            if overflow:
+                self._note_overflow()
+                self.recheck("enobufs")
+            if not events and not overflow:  # the queue is empty
+                if self.backlog_since is not None:
+                    self.backlog_since = None
+                    self._recheck_if_gone("after a uevent storm")
+                return
+        # Still more queued. The kernel reports ENOBUFS once, then drops events silently
+        # until the queue has been read empty (netlink's congested bit): in a storm we do
+        # not outrun, our medium's `remove` may be lost unreported. Look at sysfs instead,
+        # a few stat() calls, every BACKLOG_RECHECK_S while the backlog lasts.
+        now = time.monotonic()
+        if self.backlog_since is None:
+            self.backlog_since = now
+        if now - self.backlog_checked >= BACKLOG_RECHECK_S:
+            self.backlog_checked = now
+            self._recheck_if_gone("uevent backlog")
+
+    def _note_overflow(self) -> None:
+        # A storm overflows again and again: one line a second, with the count, is enough
+        # (and a flood of lines would wait on a slow log reader).
+        self.overflows += 1
+        now = time.monotonic()
+        if now - self._overflow_logged >= 1.0:
+            logger.warning("overflow", count=self.overflows, note="uevents lost; re-checking the medium in sysfs")
+            self._overflow_logged = now
+
+    def _gone(self) -> list[medium.Medium]:
+        return [m for m in (self.medium, self.cord) if m is not None and not medium.present(m)]
 
     def recheck(self, reason: str) -> None:
-        gone = [m for m in (self.medium, self.cord) if m is not None and not medium.present(m)]
+        gone = self._gone()
         self.feed(MediumCheck(not gone, reason if not gone else f"{reason}: {gone[0].device} gone"))
 
-    def on_accept(self, sel: selectors.BaseSelector) -> None:
-        try:
-            conn, _ = self.server.accept()
-            client = control.Client(conn)
-        except OSError:
+    def _recheck_if_gone(self, reason: str) -> None:
+        # frequent checks: only a medium found gone is worth an event (and a status line)
+        if self.machine.state is not State.ARMED:
             return
-        sel.register(conn, selectors.EVENT_READ, client)
+        gone = self._gone()
+        if gone:
+            self.feed(MediumCheck(False, f"{reason}: {gone[0].device} gone"))
 
-    def on_client(self, sel: selectors.BaseSelector, client: control.Client) -> None:
+    # ---- the control socket ----
+
+    def on_accept(self) -> None:
+        assert self.server is not None
+        new, dropped = self.server.accept(time.monotonic())
+        for client in dropped:
+            self._drop(client)
+        for client in new:
+            self.sel.register(client.conn, selectors.EVENT_READ, client)
+
+    def _drop(self, client: control.Client) -> None:
+        if self.server is not None:
+            self.server.forget(client)
         try:
-            request = client.read()
-        except (OSError, ValueError) as exc:
-            sel.unregister(client.conn)
-            client.reply({"ok": False, "error": str(exc)})
-            return
-        if request is None:
-            return  # more to come
-        sel.unregister(client.conn)
-        peer = client.peer
-        if request["cmd"] == "status":
-            client.reply(self.status())
-            return
-        if request["cmd"] == "recheck":
-            if peer.uid != 0:
-                client.reply({"ok": False, "error": f"permission denied: uid {peer.uid} may not recheck (only root)"})
+            self.sel.unregister(client.conn)
+        except (KeyError, ValueError):
+            pass
+        client.conn.close()
+
+    def _reply(self, client: control.Client, reply: control.Reply) -> None:
+        client.queue(reply)
+        if client.flush():
+            self._drop(client)
+        else:  # the rest when the client reads, within its deadline
+            self.sel.modify(client.conn, selectors.EVENT_WRITE, client)
+
+    def on_client(self, client: control.Client, mask: int) -> None:
+        if client.conn.fileno() < 0:
+            return  # dropped earlier in this turn (evicted or expired)
+        then: Event | None = None
+        try:
+            if mask & selectors.EVENT_WRITE:
+                if client.flush():
+                    self._drop(client)
                 return
-            logger.info("recheck", uid=peer.uid, reason="requested")
-            self.recheck("resume")
-            client.reply({"ok": True, "state": self.machine.state.value, "trigger": self.machine.trigger})
+            try:
+                command = client.read()
+            except ValueError as exc:
+                self._reply(client, control.ErrorReply(str(exc)))
+                return
+            if command is None:
+                return  # more to come, before the deadline
+            refused = control.refusal(command, client.peer, self.panic_gid, self.config.panic_group)
+            if refused is not None:
+                self._log_refusal(command.name, client.peer)
+                self._reply(client, refused)
+                return
+            reply, then = self.handlers[command.name](client.peer)
+            self._reply(client, reply)
+        except OSError:
+            self._drop(client)  # reset, broken pipe: that client is gone
+        except Exception as exc:  # a bug must cost one client, never the daemon
+            logger.error("client_error", error=f"{type(exc).__name__}: {exc}", uid=client.peer.uid)
+            self._drop(client)
+        if then is not None:
+            self.feed(then)  # after the reply is on its way
+
+    def _log_refusal(self, cmd: str, peer: control.Peer) -> None:
+        # Anyone can make us refuse as fast as they can connect: one line a second per
+        # command (with how many were not logged), so they cannot flood the journal, which
+        # would then drop our own critical lines, or block us on a full journal socket.
+        now = time.monotonic()
+        last, suppressed = self.refusals.get(cmd, (float("-inf"), 0))
+        if now - last < 1.0:
+            self.refusals[cmd] = (last, suppressed + 1)
             return
-        if not peer.may_panic(self.panic_gid):
-            logger.warning("panic_refused", uid=peer.uid, pid=peer.pid)
-            who = f"root or group {self.config.panic_group}" if self.config.panic_group else "root"
-            client.reply({"ok": False, "error": f"permission denied: uid {peer.uid} may not panic (only {who})"})
-            return
+        logger.warning(f"{cmd}_refused", uid=peer.uid, pid=peer.pid, not_logged=suppressed)
+        self.refusals[cmd] = (now, 0)
+
+    def cmd_status(self, peer: control.Peer) -> tuple[control.Reply, Event | None]:
+        return self.status(), None
+
+    def cmd_recheck(self, peer: control.Peer) -> tuple[control.Reply, Event | None]:
+        logger.info("recheck", uid=peer.uid, reason="requested")
+        self.recheck("resume")
+        return control.RecheckReply(self.machine.state.value, self.machine.trigger), None
+
+    def cmd_panic(self, peer: control.Peer) -> tuple[control.Reply, Event | None]:
         logger.critical("panic", uid=peer.uid, pid=peer.pid)
         if self.machine.state in (State.FIRING, State.FIRED):
-            client.reply({"ok": True, "state": self.machine.state.value, "mode": self.config.mode,
-                          "note": "already fired: a second trigger never restarts the sequence"})
+            reply = control.PanicReply(self.machine.state.value, self.config.mode,
+                                       "already fired: a second trigger never restarts the sequence")
         else:
-            client.reply({"ok": True, "state": "firing", "mode": self.config.mode})
-        self.feed(Panic(peer.uid, peer.pid))
+            reply = control.PanicReply("firing", self.config.mode)
+        return reply, Panic(peer.uid, peer.pid)
 
     # ---- feeding the machine ----
 
@@ -248,27 +384,48 @@ class Daemon:
             budget_us = (sum(self.config.deadlines.values()) + 5000) * 1000
             log.notify(STATUS=f"firing: {self.machine.trigger}", WATCHDOG_USEC=budget_us)
             assert self.firer is not None
+            if self.firing_lock is not None:
+                statedir.take_firing_lock(self.firing_lock)  # `killcord panic` must not start a second sequence
             finished = self.firer.drive(actions)
             log.notify(STATUS=f"fired: {self.machine.trigger} (ok={finished.ok if finished else None})")
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> control.StatusReply:
         m = self.machine
-        return {
-            "state": m.state.value,
-            "mode": self.config.mode,
-            "pid": os.getpid(),
-            "version": __version__,
-            "started_at": self.started,
-            "trigger": m.trigger,
-            "medium": self.medium.as_dict() if self.medium else None,
-            "cord": self.cord.as_dict() if self.cord else None,
-            "kexec": self.staged.as_dict() if self.staged else None,
-            "resident": self.resident,
-            "events": list(self.events),
-            "stages": [{"name": r.stage.value, "outcome": r.outcome.value,
-                        "duration_ms": r.duration_ms, "detail": r.detail} for r in m.results],
-            "ignored_triggers": m.ignored_triggers,
-        }
+        server = self.server
+        return control.StatusReply(
+            state=m.state.value,
+            mode=self.config.mode,
+            pid=os.getpid(),
+            version=__version__,
+            started_at=self.started,
+            trigger=m.trigger,
+            medium=self.medium.as_dict() if self.medium else None,
+            medium_note=self.medium_note,
+            cord=self.cord.as_dict() if self.cord else None,
+            kexec=self.staged.as_dict() if self.staged else None,
+            resident=self.resident,
+            events=list(self.events),
+            stages=[{"name": r.stage.value, "outcome": r.outcome.value,
+                     "duration_ms": r.duration_ms, "detail": r.detail} for r in m.results],
+            ignored_triggers=m.ignored_triggers,
+            clients=None if server is None else {
+                "open": len(server.clients), "evicted": server.evicted, "expired": server.expired},
+        )
+
+
+def raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard one (systemd gives 1024:524288): with the client
+    cap this leaves the firing path far from EMFILE. Raising the soft limit needs no
+    capability."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        logger.warning("nofile_not_raised", soft=soft, hard=hard, error=str(exc))
+        return
+    logger.info("nofile_raised", soft=soft, to=hard)
 
 
 def _fields(event: Event) -> dict[str, object]:

@@ -51,8 +51,9 @@ class Armed:
     """Arming finished: these sysfs devpaths (the medium, its ancestors, the cord) are watched."""
 
     watched: frozenset[str]
-    # devpaths of optical drives among them: for these a `change` with no media fires
-    optical: frozenset[str] = frozenset()
+    # disks among them whose media can go while the disk stays (optical drives, removable disks,
+    # card readers): for these a `change` to no media (size 0) fires
+    media_watched: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ class Uevent:
     devpath: str
     subsystem: str = ""
     devtype: str = ""
-    # for `change` on an optical drive: whether a disc is still in it (read from sysfs by the edge)
+    # for `change` on a media-watched disk: whether it still holds media (size > 0, read from
+    # sysfs by the edge); None when not read
     media_present: bool | None = None
 
 

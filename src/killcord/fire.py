@@ -6,7 +6,6 @@ machine decides what runs next.
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -14,18 +13,18 @@ from pathlib import Path
 
 import structlog
 
-from killcord import audit, kexec, kill
+from killcord import audit, fallback, kexec, kill
 from killcord.events import Action, Finished, Outcome, RunStage, Stage, StageEnded
 from killcord.machine import Machine
 
 StageFn = Callable[[float], tuple[Outcome, dict[str, object]]]
 
-# systemd: SIGRTMIN+14 = immediate poweroff through systemd-shutdown, which returns into
-# /run/initramfs (our shutdown hook). A signal needs no exec and no D-Bus.
-SYSTEMD_POWEROFF = signal.SIGRTMIN + 14
 SYSRQ_TRIGGER = "/proc/sysrq-trigger"
 PRINTK = "/proc/sys/kernel/printk"
 GRACE_S = 0.05  # a stage that returns this late after its deadline still counts as returned
+# The poweroff stage stops wiping this long before its deadline, to leave time for the
+# reboot(2) call itself (device shutdown) to end the machine before sysrq is tried.
+POWEROFF_MARGIN_S = 1.0
 # Under mlockall(MCL_FUTURE) a thread's whole stack is faulted in and locked when it starts:
 # 8 MiB by default, milliseconds of zeroing per stage. The stages need little stack.
 STAGE_STACK = 512 * 1024
@@ -43,6 +42,7 @@ class Firer:
         # Opened now: at fire time nothing is looked up that could fail.
         self._sysrq_fd = _open_or_none(SYSRQ_TRIGGER) if live else None
         self._printk_fd = _open_or_none(PRINTK) if live else None
+        self._fallback = fallback.Handles.open(live)
         self._stages: dict[Stage, StageFn] = {
             Stage.KILL: self.kill,
             Stage.AUDIT: self.audit,
@@ -117,10 +117,18 @@ class Firer:
         return kexec.execute(self.staged, self.live)
 
     def poweroff(self, deadline: float) -> tuple[Outcome, dict[str, object]]:
+        # Frees, wipes and powers off from this process, which is already in RAM: see
+        # fallback.py for why PID 1's systemd-shutdown is not trusted with it.
+        wiped, detail = fallback.run(self._fallback, deadline - POWEROFF_MARGIN_S, self.live)
         if not self.live:
-            return Outcome.DRY, {"would": "kill(1, SIGRTMIN+14): systemd-shutdown into /run/initramfs"}
-        os.kill(1, SYSTEMD_POWEROFF)
-        return _wait_until(deadline, "poweroff requested from PID 1")
+            return Outcome.DRY, detail
+        scrubbed = detail["scrubbed"]
+        assert isinstance(scrubbed, dict)
+        # the last word before the machine goes: what was freed and wiped, on the console
+        log.critical("poweroff", wiped_ok=wiped, files_freed=scrubbed["files"],
+                     mounts=len(scrubbed["mounts"]), wiped=detail.get("wiped"), dm=detail.get("dm"))
+        detail["error"] = fallback.power_off()
+        return Outcome.FAILED, detail
 
     def sysrq(self, deadline: float) -> tuple[Outcome, dict[str, object]]:
         if not self.live:

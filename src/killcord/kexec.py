@@ -16,24 +16,10 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from killcord import cmdline
 from killcord.events import Outcome
 
-# Always last, before any " -- ": the last init_on_free wins, and what follows "--"
-# goes to init, not to the kernel (vm-findings.md, "What the kexec target must not inherit").
-# init_on_alloc=1 lets the initramfs wiper claim free memory with fallocate: the kernel
-# then zeroes every page it hands over, far faster than writing zeros from user space.
-WIPE_PARAMS = ("init_on_alloc=1", "init_on_free=1", "killcord.wipe=1")
-
-# Dropped from the inherited command line. mem=, memmap=, crashkernel= and gigantic
-# hugepages were measured to leave 15-50 % of RAM unwiped; reserve_mem=, cma=,
-# hugetlb_cma= and efi_fake_mem= reserve memory the same way (not measurable here).
-# The wipe kernel needs no hugepages at all, so every hugepage parameter goes.
-# initrd=/BOOT_IMAGE= belong to the boot loader; ours are replaced by our own.
-STRIPPED = frozenset({
-    "mem", "memmap", "crashkernel", "hugepages", "hugepagesz", "default_hugepagesz",
-    "reserve_mem", "cma", "hugetlb_cma", "efi_fake_mem", "initrd", "BOOT_IMAGE",
-    "init_on_alloc", "init_on_free", "killcord.wipe",
-})
+# What the wipe kernel's command line keeps, drops and adds is cmdline.py's (one owner).
 
 SYS_KEXEC_FILE_LOAD = {"x86_64": 320, "aarch64": 294}.get(platform.machine())
 KEXEC_FILE_NO_INITRAMFS = 0x4
@@ -67,37 +53,6 @@ class Staged:
         return asdict(self)
 
 
-def split_cmdline(cmdline: str) -> list[str]:
-    """Split like the kernel does: on spaces, except inside double quotes."""
-    tokens: list[str] = []
-    current: list[str] = []
-    quoted = False
-    for ch in cmdline.strip():
-        if ch == '"':
-            quoted = not quoted
-        if ch.isspace() and not quoted:
-            if current:
-                tokens.append("".join(current))
-                current = []
-            continue
-        current.append(ch)
-    if current:
-        tokens.append("".join(current))
-    return tokens
-
-
-def sanitize_cmdline(current: str, extra: str = "") -> str:
-    """The target's command line: the current one without what keeps RAM from being
-    wiped, then `extra`, then WIPE_PARAMS, all before any `--` (init's arguments)."""
-    tokens = split_cmdline(current)
-    init_args: list[str] = []
-    if "--" in tokens:
-        cut = tokens.index("--")
-        tokens, init_args = tokens[:cut], tokens[cut:]
-    kept = [t for t in tokens if t.split("=", 1)[0] not in STRIPPED]
-    return " ".join(kept + split_cmdline(extra) + list(WIPE_PARAMS) + init_args)
-
-
 def find_image(setting: str, kind: str, live_mount: Path, release: str | None = None) -> str | None:
     """Resolve kexec_kernel / kexec_initrd. "auto": the live medium's copy first (read now,
     while it is there), then /boot. An explicit path that does not exist is an error."""
@@ -114,10 +69,10 @@ def find_image(setting: str, kind: str, live_mount: Path, release: str | None = 
     return next((c for c in candidates if os.path.isfile(c)), None)
 
 
-def _file_load(kernel: str, initrd: str | None, cmdline: str) -> None:
+def _file_load(kernel: str, initrd: str | None, line: str) -> None:
     if SYS_KEXEC_FILE_LOAD is None:
         raise OSError(errno.ENOSYS, f"kexec_file_load unknown on {platform.machine()}")
-    raw = cmdline.encode() + b"\0"
+    raw = line.encode("utf-8", "surrogateescape") + b"\0"  # cmdline.py parses bytes
     kfd = os.open(kernel, os.O_RDONLY | os.O_CLOEXEC)
     ifd = os.open(initrd, os.O_RDONLY | os.O_CLOEXEC) if initrd else -1
     try:
@@ -131,10 +86,10 @@ def _file_load(kernel: str, initrd: str | None, cmdline: str) -> None:
             os.close(ifd)
 
 
-def _tools_load(kernel: str, initrd: str | None, cmdline: str) -> None:
+def _tools_load(kernel: str, initrd: str | None, line: str) -> None:
     # kexec-tools' kexec_load path: for kernels that refuse kexec_file_load (unsigned
     # image, no CONFIG_KEXEC_FILE). Runs at arm time only.
-    cmd = ["kexec", "--load", kernel, f"--command-line={cmdline}"]
+    cmd = ["kexec", "--load", kernel, f"--command-line={line}"]
     if initrd:
         cmd.append(f"--initrd={initrd}")
     try:
@@ -155,36 +110,42 @@ def is_loaded() -> bool:
 def stage(kernel_setting: str, initrd_setting: str, append: str, live: bool, lock: bool,
           live_mount: Path, current_cmdline: str | None = None) -> Staged:
     """Load the image (live) or check that it could be (dry-run). Never raises for a
-    missing or refused image: the firing path then falls back to poweroff. Raises
+    missing or refused image, nor for a command line that cannot be made safe: nothing is
+    staged and the firing path falls back to poweroff, with `error` saying why. Raises
     KexecError only for a misconfigured explicit path (refuse to arm)."""
     kernel = find_image(kernel_setting, "kernel", live_mount)
     initrd = find_image(initrd_setting, "initrd", live_mount)
     if current_cmdline is None:
-        current_cmdline = Path("/proc/cmdline").read_text()
-    cmdline = sanitize_cmdline(current_cmdline, append)
+        current_cmdline = cmdline.read_proc()
+    try:
+        line = cmdline.sanitize(current_cmdline, append)
+    except cmdline.CmdlineError as exc:
+        # Never stage a kernel that would keep RAM from the wipe or skip it.
+        return Staged(kernel, initrd, "", "none", False,
+                      error=f"not staged: the wipe kernel's command line cannot be made safe: {exc}; fix: {exc.fix}")
     if kernel is None:
         why = "kexec_kernel = none" if kernel_setting == "none" else "no kernel image found; set kexec_kernel"
-        return Staged(None, initrd, cmdline, "none", is_loaded() and live, error=why)
+        return Staged(None, initrd, line, "none", is_loaded() and live, error=why)
     if not live:
-        try:
-            for path in filter(None, (kernel, initrd)):
+        for path in filter(None, (kernel, initrd)):
+            try:
                 with open(path, "rb") as f:
                     f.read(1)
-        except OSError as exc:
-            return Staged(kernel, initrd, cmdline, "none", False, error=str(exc))
-        return Staged(kernel, initrd, cmdline, "dry", True)
+            except OSError as exc:
+                return Staged(kernel, initrd, line, "none", False, error=f"cannot read {path}: {exc.strerror or exc}")
+        return Staged(kernel, initrd, line, "dry", True)
     errors: list[str] = []
     for method, load in (("kexec_file_load", _file_load), ("kexec_load", _tools_load)):
         try:
-            load(kernel, initrd, cmdline)
+            load(kernel, initrd, line)
         except OSError as exc:
             errors.append(f"{method}: {exc.strerror or exc}")
             continue
         if is_loaded():
-            return Staged(kernel, initrd, cmdline, method, True, _lock() if lock else False)
+            return Staged(kernel, initrd, line, method, True, _lock() if lock else False)
         errors.append(f"{method}: returned but {KEXEC_LOADED} is not 1")
     # An image staged by an earlier instance (before it set kexec_load_disabled) still runs.
-    return Staged(kernel, initrd, cmdline, "none", is_loaded(), error="; ".join(errors))
+    return Staged(kernel, initrd, line, "none", is_loaded(), error="; ".join(errors))
 
 
 def _lock() -> bool:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from killcord import arm_fds
 from killcord.events import Outcome
 
 PF_KTHREAD = 0x00200000  # include/linux/sched.h: "I am a kernel thread"
@@ -78,10 +79,36 @@ def parse_stat(line: bytes | str) -> StatFields:
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def _read_stat(pid: int) -> StatFields | None:
-    """Read and parse /proc/PID/stat; None if the process vanished (normal mid-scan)."""
+class _ProcDir:
+    """`with _ProcDir() as fd`: the /proc directory the daemon holds open since arm time
+    (arm_fds), or one opened now when nothing holds _PROC (the CLI firing alone, tests with
+    a fake /proc). Per-process files are then opened relative to it: no path lookup from
+    the root at fire time, and one descriptor for the whole scan."""
+
+    def __init__(self) -> None:
+        self._own: int | None = None
+
+    def __enter__(self) -> int:
+        held = arm_fds.held(_PROC)
+        if held is not None:
+            return held
+        self._own = arm_fds.open_dir(_PROC)
+        return self._own
+
+    def __exit__(self, *exc: object) -> None:
+        if self._own is not None:
+            os.close(self._own)
+            self._own = None
+
+
+def _read_stat(pid: int, proc: int | None = None) -> StatFields | None:
+    """Read and parse PID/stat under the /proc descriptor `proc` (None: open one now);
+    None if the process vanished (normal mid-scan)."""
+    if proc is None:
+        with _ProcDir() as fd:
+            return _read_stat(pid, fd)
     try:
-        fd = os.open(f"{_PROC}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(f"{pid}/stat", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
     except OSError:  # ENOENT: exited and reaped since the listing
         return None
     try:
@@ -111,25 +138,27 @@ def _scan(own_pid: int, respawn_after: int | None = None) -> list[int]:
     (kill(-1, SIGSTOP) also reaches children forked during the broadcast)."""
     # ppid == 2 marks a kernel thread only when pid 2 really is kthreadd: inside a PID
     # namespace pid 2 is an ordinary process whose children must die.
-    kthreadd = _read_stat(KTHREADD_PID)
-    kthreadd_is_kernel = kthreadd is not None and bool(kthreadd.flags & PF_KTHREAD)
-    found: list[int] = []
-    with os.scandir(_PROC) as it:
-        for entry in it:
-            name = entry.name
-            if not name.isdigit():
-                continue
-            pid = int(name)
-            if pid == 1 or pid == own_pid:
-                continue
-            st = _read_stat(pid)
-            if st is None or st.flags & PF_KTHREAD or _is_dead(st):
-                continue
-            if respawn_after is not None and st.starttime > respawn_after:
-                continue
-            if kthreadd_is_kernel and (pid == KTHREADD_PID or st.ppid == KTHREADD_PID):
-                continue
-            found.append(pid)
+    with _ProcDir() as proc:
+        kthreadd = _read_stat(KTHREADD_PID, proc)
+        kthreadd_is_kernel = kthreadd is not None and bool(kthreadd.flags & PF_KTHREAD)
+        found: list[int] = []
+        # scandir on a descriptor lists from its start each time (CPython rewinds it)
+        with os.scandir(proc) as it:
+            for entry in it:
+                name = entry.name
+                if not name.isdigit():
+                    continue
+                pid = int(name)
+                if pid == 1 or pid == own_pid:
+                    continue
+                st = _read_stat(pid, proc)
+                if st is None or st.flags & PF_KTHREAD or _is_dead(st):
+                    continue
+                if respawn_after is not None and st.starttime > respawn_after:
+                    continue
+                if kthreadd_is_kernel and (pid == KTHREADD_PID or st.ppid == KTHREADD_PID):
+                    continue
+                found.append(pid)
     return found
 
 
@@ -167,12 +196,13 @@ def describe(pids: tuple[int, ...], limit: int = 8) -> dict[str, str]:
     """"comm (state)" of processes a kill left: D (uninterruptible sleep) is the kernel's
     doing, anything else would be ours to explain."""
     out: dict[str, str] = {}
-    for pid in pids[:limit]:
-        st = _read_stat(pid)
-        if st is None:
-            out[str(pid)] = "gone"
-        else:
-            out[str(pid)] = f"{st.comm.decode(errors='replace')} ({st.state}, {st.num_threads} threads)"
+    with _ProcDir() as proc:
+        for pid in pids[:limit]:
+            st = _read_stat(pid, proc)
+            if st is None:
+                out[str(pid)] = "gone"
+            else:
+                out[str(pid)] = f"{st.comm.decode(errors='replace')} ({st.state}, {st.num_threads} threads)"
     return out
 
 

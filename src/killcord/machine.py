@@ -28,18 +28,19 @@ from killcord.events import (
 )
 
 
-def uevent_fires(event: Uevent, watched: frozenset[str], optical: frozenset[str]) -> bool:
+def uevent_fires(event: Uevent, watched: frozenset[str], media_watched: frozenset[str]) -> bool:
     """Does this kernel uevent mean the medium (or the cord) is gone?
 
-    `remove` of any watched devpath (the disk, a partition of it, or any ancestor up to
-    the USB device) fires. `change` fires only for an optical drive whose disc is gone:
-    a disk's own partition re-read also sends `change` and must never fire.
+    `remove` of any watched devpath (the disk, a partition of it, what it stands on, or any
+    ancestor up to the USB device) fires. `change` fires only for a media-watched disk (optical
+    drive, removable disk, card reader) that now holds no media: a disk's own partition re-read
+    also sends `change` and must never fire.
     """
     if event.devpath not in watched:
         return False
     if event.action == "remove":
         return True
-    return event.action == "change" and event.devpath in optical and event.media_present is False
+    return event.action == "change" and event.devpath in media_watched and event.media_present is False
 
 
 class Machine:
@@ -50,7 +51,7 @@ class Machine:
         self.deadlines_ms = dict(deadlines_ms)
         self.state = State.ARMING
         self.watched: frozenset[str] = frozenset()
-        self.optical: frozenset[str] = frozenset()
+        self.media_watched: frozenset[str] = frozenset()
         self.trigger: str | None = None  # what fired us, for status and the audit record
         self.results: list[StageEnded] = []
         self.ignored_triggers = 0  # triggers that came while firing or fired
@@ -66,7 +67,7 @@ class Machine:
             return self._stage_ended(event)
         if isinstance(event, Armed):
             if self.state is State.ARMING:
-                self.watched, self.optical = event.watched, event.optical
+                self.watched, self.media_watched = event.watched, event.media_watched
                 self.state = State.ARMED
             return []
         reason = self._trigger_reason(event)
@@ -84,7 +85,7 @@ class Machine:
         if isinstance(event, MediumCheck):
             return None if event.present else f"medium absent ({event.reason})"
         if isinstance(event, Uevent) and self.state is not State.ARMING:
-            if uevent_fires(event, self.watched, self.optical):
+            if uevent_fires(event, self.watched, self.media_watched):
                 return f"uevent {event.action} {event.devpath}"
         return None
 

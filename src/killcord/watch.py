@@ -38,14 +38,18 @@ class Watcher:
     def _pending_error(self) -> int:
         return self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
 
-    def drain(self, optical: frozenset[str]) -> tuple[list[Uevent], bool]:
-        """Read every event queued now, without blocking.
+    def drain(self, media_watched: frozenset[str], limit: int | None = None) -> tuple[list[Uevent], bool]:
+        """Read the events queued now, without blocking: all of them, or at most `limit` (the rest
+        stay queued in the socket for the next call, so the caller can serve others between batches).
+
+        For a `change` on a media-watched disk, media_present says whether it still holds media
+        (its sysfs size): read here, at the edge, so the machine stays pure.
 
         Returns the events and whether the kernel dropped some (ENOBUFS): then the caller
         must re-check the medium, since its `remove` may be among the lost ones."""
         events: list[Uevent] = []
         overflow = False
-        while True:
+        while limit is None or len(events) < limit:
             try:
                 device = self.monitor.poll(timeout=0)
             except OSError as exc:
@@ -64,5 +68,6 @@ class Watcher:
                 devpath=devpath,
                 subsystem=device.subsystem or "",
                 devtype=device.device_type or "",
-                media_present=media_present(devpath) if devpath in optical and action == "change" else None,
+                media_present=media_present(devpath) if devpath in media_watched and action == "change" else None,
             ))
+        return events, overflow

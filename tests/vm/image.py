@@ -99,6 +99,12 @@ def extract_vmlinux(bzimage: Path, out: Path) -> None:
     out.write_bytes(lzma.LZMADecompressor().decompress(data[offset:]))
 
 
+def _mounts_under(tree: Path) -> list[str]:
+    prefix = str(tree) + "/"
+    with open("/proc/self/mountinfo") as f:
+        return [m for m in (line.split()[4] for line in f) if m.startswith(prefix)]
+
+
 def build(deb: Path | None = None, cache: Path = CACHE, log=sys.stderr) -> Image:
     deb = deb or find_deb()
     target = cache / cache_key(deb)
@@ -131,6 +137,11 @@ def build(deb: Path | None = None, cache: Path = CACHE, log=sys.stderr) -> Image
     cmd += [SUITE, str(tree)]
     print(f"image: building {target.name} with mmdebstrap ({deb.name})", file=log, flush=True)
     subprocess.run(cmd, check=True, stdout=log, stderr=log)
+    # mmdebstrap only warns when it cannot unmount what it mounted in the tree ("umount
+    # /proc failed" when something on the host touched it at that moment): detach it, or
+    # du, mkfs and mksquashfs below would copy a live /proc
+    for mnt in sorted(_mounts_under(tree), reverse=True):
+        subprocess.run(["umount", "-l", mnt], check=False)
     try:
         boot = tree / "boot"
         vmlinuz = next(boot.glob("vmlinuz-*"))

@@ -1,10 +1,13 @@
 #!/bin/sh
 # dracut cmdline hook: with killcord.wipe=1 (the kexec target), wipe free memory and end
 # the machine before anything else is set up. Sourced by dracut: no exit on the way out.
-type getarg >/dev/null 2>&1 || . /lib/dracut-lib.sh
+# The line is read as the kernel reads it (killcord-cmdline), not with dracut's getarg,
+# which splits on spaces and ignores quotes and "--".
+# shellcheck source=/dev/null
+. /usr/lib/killcord/killcord-cmdline
 
-if [ "$(getarg killcord.wipe=)" = 1 ]; then
-	killcord_then=$(getarg killcord.wipe_then=)
+if [ "$(kc_param killcord.wipe)" = 1 ]; then
+	killcord_then=$(kc_param killcord.wipe_then)
 	case "$killcord_then" in poweroff|reboot|halt) ;; *) killcord_then=poweroff ;; esac
 	/usr/lib/killcord/killcord-wipe
 	echo "<2>killcord: wipe finished (exit $?), ${killcord_then} now" > /dev/kmsg

@@ -1,0 +1,290 @@
+"""The fallback when kexec cannot run: free, wipe and power off from the daemon itself.
+
+Why here and not through PID 1 (systemd-shutdown returning into /run/initramfs): PID 1
+must exec systemd-shutdown from the root file system, and its dynamic loader looks up
+libraries in RUNPATH and glibc-hwcaps directories that do not exist. Those are negative
+dentries: no open descriptor can pin them, `drop_caches` (or memory pressure) drops them,
+and once the stick is gone the lookup reads squashfs directory blocks from it and fails
+("Failed to execute shutdown binary, freezing: Input/output error", measured). The daemon,
+by contrast, is mlockall'ed and has imported everything at start: this path execs nothing
+and reads only /proc, /sys and the RAM file systems it frees.
+
+In order, each step bounded by the stage deadline:
+1. device-mapper: every table replaced by `error` (dm.py): dm-crypt keys zeroed, and a
+   process stuck in uninterruptible sleep on a suspended mapping wakes and dies;
+2. RAM file systems (tmpfs, ramfs; this includes the live system's overlay upper layer):
+   every regular file truncated, then unlinked; the pages go back to the kernel;
+3. the page cache and slab caches dropped (their pages become free);
+4. free memory claimed in chunks of anonymous memory, down to a reserve: the kernel
+   zeroes every page it hands to a process, so claiming is wiping (and it checks that the
+   kernel's own count of our resident anonymous memory rose by what was claimed: a wipe
+   that took nothing does not say it did);
+5. reboot(RB_POWER_OFF), with no sync: nothing may wait for a medium that is gone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import re
+import stat
+import time
+from dataclasses import asdict, dataclass, field
+
+from killcord import dm
+
+RAM_FS_TYPES = ("tmpfs", "ramfs")
+DROP_CACHES = "/proc/sys/vm/drop_caches"
+MEMINFO = "/proc/meminfo"
+MOUNTINFO = "/proc/self/mountinfo"
+CHUNK = 64 * 1024 * 1024
+MIN_RESERVE = 16 * 1024 * 1024
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
+RB_POWER_OFF = 0x4321FEDC
+
+_libc = ctypes.CDLL(None, use_errno=True)  # resolved at import, never at fire time
+_reboot = _libc.reboot
+_reboot.argtypes = [ctypes.c_int]
+
+
+@dataclass
+class Scrubbed:
+    mounts: list[str] = field(default_factory=list)
+    files: int = 0
+    bytes_freed: int = 0
+    errors: list[str] = field(default_factory=list)
+    unfinished: list[str] = field(default_factory=list)  # mounts the deadline cut short
+
+
+@dataclass
+class Wiped:
+    target_bytes: int
+    claimed_bytes: int
+    resident_bytes: int  # how much more anonymous memory the kernel says we held (RssAnon)
+    reserve_bytes: int
+    seconds: float
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """At least 90 % of the target claimed, and the kernel's own count agrees."""
+        return (self.target_bytes > 0 and self.claimed_bytes >= 0.9 * self.target_bytes
+                and self.resident_bytes >= 0.9 * self.claimed_bytes)
+
+
+def ram_mounts(mountinfo: str = MOUNTINFO) -> list[str]:
+    """Mount points of RAM file systems, deepest first (so a nested one is done first)."""
+    found = []
+    with open(mountinfo) as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split(" ", 1)[0] in RAM_FS_TYPES:
+                found.append(_unescape(left.split()[4]))
+    return sorted(set(found), key=lambda m: (-m.count("/"), m))
+
+
+def _unescape(path: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as octal (\040 ...)
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), path)
+
+
+def scrub(mounts: list[str], deadline: float, live: bool, keep: tuple[str, ...] = ()) -> Scrubbed:
+    """Truncate and unlink every regular file on these mounts, without crossing into other
+    mounts and without following links. `keep`: paths left alone (none on the firing path;
+    tests pass their own)."""
+    out = Scrubbed()
+    for mount in mounts:
+        try:
+            dev = os.lstat(mount).st_dev
+        except OSError as exc:
+            out.errors.append(f"{mount}: {exc.strerror}")
+            continue
+        out.mounts.append(mount)
+        if not _scrub_tree(mount, dev, deadline, live, keep, out):
+            out.unfinished.append(mount)
+    return out
+
+
+def _scrub_tree(top: str, dev: int, deadline: float, live: bool, keep: tuple[str, ...], out: Scrubbed) -> bool:
+    stack = [top]
+    while stack:
+        if time.monotonic() > deadline:
+            return False
+        path = stack.pop()
+        try:
+            entries = list(os.scandir(path))
+        except OSError as exc:
+            out.errors.append(f"{path}: {exc.strerror}")
+            continue
+        for entry in entries:
+            if entry.path in keep:
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if st.st_dev != dev:
+                continue  # another mount below this one: done on its own, or not ours
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(entry.path)
+            elif stat.S_ISREG(st.st_mode):
+                out.files += 1
+                out.bytes_freed += st.st_blocks * 512
+                if live:
+                    _free_file(entry.path, out)
+    return True
+
+
+def _free_file(path: str, out: Scrubbed) -> None:
+    try:
+        # O_NOFOLLOW|O_NONBLOCK: a file swapped for a link or a FIFO meanwhile is not opened
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if len(out.errors) < 20:
+            out.errors.append(f"{path}: {exc.strerror}")
+    try:
+        os.unlink(path)  # the inode and its name go too (held open: freed at last close)
+    except OSError:
+        pass
+
+
+def meminfo(path: str = MEMINFO) -> dict[str, int]:
+    """/proc/meminfo in bytes."""
+    out: dict[str, int] = {}
+    with open(path) as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts:
+                out[key] = int(parts[0]) * (1024 if len(parts) > 1 else 1)
+    return out
+
+
+def rss_anon(path: str = "/proc/self/status") -> int:
+    """Resident anonymous memory of this process, in bytes, as the kernel counts it."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def drop_caches(fd: int | None) -> str:
+    if fd is None:
+        return f"{DROP_CACHES} was not opened at arm time"
+    try:
+        os.pwrite(fd, b"3\n", 0)
+        return ""
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
+def wipe_free(deadline: float, max_bytes: int | None = None, chunk: int = CHUNK) -> Wiped:
+    """Claim free memory as anonymous chunks down to a reserve (1/64 of RAM, at least
+    16 MiB, as the initramfs wiper keeps), hold them all, then let go."""
+    start = time.monotonic()
+    info = meminfo()
+    reserve = max(MIN_RESERVE, info.get("MemTotal", 0) // 64)
+    target = max(0, info.get("MemAvailable", 0) - reserve)
+    if max_bytes is not None:
+        target = min(target, max_bytes)
+    held: list[mmap.mmap] = []
+    claimed = 0
+    rss_before = rss_anon()
+    error = ""
+    try:
+        while claimed < target and time.monotonic() < deadline:
+            n = min(chunk, target - claimed)
+            if meminfo().get("MemAvailable", 0) - n < reserve:
+                break  # something else allocated meanwhile: never dip into the reserve
+            try:
+                # Under mlockall(MCL_FUTURE) the mmap itself faults every page in (and fails
+                # if it cannot); otherwise MADV_POPULATE_WRITE does. Either way the kernel
+                # clears each page as it hands it over.
+                m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                held.append(m)
+                m.madvise(MADV_POPULATE_WRITE)
+            except OSError as exc:
+                error = exc.strerror or str(exc)
+                break
+            claimed += n
+        resident = rss_anon() - rss_before
+    finally:
+        for m in held:
+            m.close()
+    return Wiped(target, claimed, max(0, resident), reserve, round(time.monotonic() - start, 3), error)
+
+
+def power_off() -> str:
+    """reboot(RB_POWER_OFF). Returns only on failure, with the reason."""
+    _reboot(RB_POWER_OFF)
+    return os.strerror(ctypes.get_errno() or errno.EPERM)
+
+
+@dataclass(frozen=True)
+class Handles:
+    """What the fallback opens at arm time, so that the firing path looks nothing up."""
+
+    dm_control: int | None
+    drop_caches: int | None
+
+    @classmethod
+    def open(cls, live: bool) -> Handles:
+        if not live:
+            return cls(None, None)
+        try:
+            drop = os.open(DROP_CACHES, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            drop = None
+        return cls(dm.open_control(), drop)
+
+
+def as_dict(obj: object) -> dict[str, object]:
+    return asdict(obj)  # type: ignore[call-overload]
+
+
+def run(handles: Handles, deadline: float, live: bool) -> tuple[bool, dict[str, object]]:
+    """Steps 1-4 (live) or what they would touch (dry-run: mounts and files counted, nothing
+    freed or claimed). Returns (wiped, detail); the caller powers off."""
+    detail: dict[str, object] = {}
+    if live:
+        released = dm.release_all(handles.dm_control, min(1.0, max(0.1, (deadline - time.monotonic()) / 4)))
+        detail["dm"] = [asdict(r) for r in released]
+        _wait_for_stragglers(min(deadline, time.monotonic() + 0.5))
+    scrubbed = scrub(ram_mounts(), deadline, live)
+    detail["scrubbed"] = {**asdict(scrubbed), "errors": scrubbed.errors[:5]}
+    if not live:
+        detail["would"] = ("release every device-mapper table, free the files above, drop caches, "
+                           "claim free memory, reboot(RB_POWER_OFF)")
+        return True, detail
+    detail["drop_caches_error"] = drop_caches(handles.drop_caches)
+    wiped = wipe_free(deadline)
+    detail["wiped"] = {**asdict(wiped), "ok": wiped.ok}
+    return wiped.ok and not scrubbed.unfinished, detail
+
+
+def _wait_for_stragglers(until: float) -> None:
+    # Processes that were stuck on a mapping now get EIO and die of their pending SIGKILL;
+    # give them a moment so that their memory is free before the wipe.
+    while time.monotonic() < until:
+        if not any(_in_d_state(p) for p in os.listdir("/proc") if p.isdigit()):
+            return
+        time.sleep(0.02)
+
+
+def _in_d_state(pid: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    rest = data[data.rfind(b")") + 2:]
+    fields = rest.split()
+    # kernel threads (PF_KTHREAD, flags bit 0x200000) may sleep in D legitimately
+    return bool(fields) and fields[0] == b"D" and not int(fields[6]) & 0x200000

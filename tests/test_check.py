@@ -1,0 +1,55 @@
+"""`killcord check` items that say when a path cannot be made safe."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import needs_root
+
+from killcord import check, medium
+from killcord.config import Config
+
+
+def test_fallback_item_passes_in_the_system_mount_namespace() -> None:
+    item = check._fallback_item(os.getpid())
+    assert item.ok and item.required
+
+
+@needs_root
+def test_fallback_item_fails_for_a_daemon_in_a_private_mount_namespace() -> None:
+    """A drop-in that brings back PrivateTmp= (or any own mount namespace) would make the
+    fallback free private copies: check must say so."""
+    proc = subprocess.Popen(["unshare", "--mount", "sleep", "60"])
+    try:
+        deadline = time.monotonic() + 10
+        while check._mount_ids(str(proc.pid)) == check._mount_ids("1"):
+            assert time.monotonic() < deadline, "unshare never entered its namespace"
+            time.sleep(0.05)
+        item = check._fallback_item(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not item.ok and item.required
+    assert "mount namespace of its own" in item.detail and "PrivateTmp=" in item.fix
+    assert check.exit_code([item]) == 1
+
+
+def test_kexec_item_fails_with_the_fix_when_the_line_cannot_be_made_safe() -> None:
+    config = Config(kexec_kernel="none")
+    item = check._kexec_item(config, "quiet a=" + "x" * 2100)  # longer than the kernel keeps
+    assert not item.ok and item.required
+    assert "cannot be made safe" in item.detail and item.fix
+
+
+def test_medium_copied_to_ram_is_a_warning_not_a_failure(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def in_ram(*_: object) -> medium.Medium:
+        raise medium.MediumInRam("/run/live/medium is tmpfs at /run/live/medium: copied to RAM (toram)")
+
+    monkeypatch.setattr(medium, "resolve", in_ram)
+    items = {i.name: i for i in check.run(Config(socket=tmp_path / "none.sock"), cmdline="quiet init_on_free=1")}
+    assert not items["medium"].ok and not items["medium"].required
+    assert items["medium"].detail.startswith("none, panic only: ") and "panic" in items["medium"].fix
