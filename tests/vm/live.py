@@ -152,7 +152,8 @@ def trigger_and_measure(g: Guest, result: Result, pattern: bytes, trigger, power
         "unplug_to_killed": ms(first_line_after(g, r"killcord: stage stage=kill ", t0), t0),
         # killcord's own line right before reboot(2); the kernel's may be lost in the jump
         "unplug_to_kexec": ms(first_line_after(g, r"killcord: kexec |kexec_core: Starting new kernel", t0), t0),
-        "unplug_to_wiped": ms(first_line_after(g, r"killcord-wipe: wiped ", t0), t0),
+        # the target's wiper, or the daemon's own fallback when kexec could not run
+        "unplug_to_wiped": ms(first_line_after(g, r"killcord-wipe: wiped |killcord: poweroff wiped_ok=True", t0), t0),
         "unplug_to_poweroff": ms(t_off, t0),
     }
     if uevent is not None and detect is not None and uevent > t0:

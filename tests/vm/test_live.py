@@ -96,10 +96,14 @@ def test_g_without_kexec_the_initramfs_fallback_wipes(image: Image) -> None:
     check_wiped(result)
 
 
-def fallback_timings(g, result: live.Result, t0: float) -> None:
-    """The fallback's own moments (host times from the console), from the unplug."""
+def unplug_and_measure(g, result: live.Result, pattern: bytes) -> str:
+    """Pull the stick, measure, and add the fallback's own moments (host times from the
+    console, from the unplug); returns the console."""
+    t0 = time.monotonic()
+    live.trigger_and_measure(g, result, pattern, live.unplug_stick(g))
     result.timings_ms["unplug_to_kexec_skipped"] = live.ms(live.first_line_after(g, r"stage=kexec outcome=skipped", t0), t0)
     result.timings_ms["unplug_to_fallback_done"] = live.ms(live.first_line_after(g, r"killcord: poweroff ", t0), t0)
+    return g.text()
 
 
 @pytest.mark.parametrize("init_on_free", [1, 0])
@@ -121,10 +125,7 @@ def test_k_fallback_needs_nothing_from_the_stick(image: Image, init_on_free: int
         g.run("sync && echo 3 > /proc/sys/vm/drop_caches")
         result.pattern_bytes_written = written
         control(g, result, pattern)
-        t0 = time.monotonic()
-        live.trigger_and_measure(g, result, pattern, live.unplug_stick(g))
-        fallback_timings(g, result, t0)
-        console = g.text()
+        console = unplug_and_measure(g, result, pattern)
     done = [line for line in console.splitlines() if "killcord: poweroff " in line]
     result.notes["fallback"] = done[0].split("killcord: poweroff ", 1)[1] if done else None
     result.write(OUT)
@@ -182,10 +183,7 @@ def test_l_a_process_in_uninterruptible_sleep_cannot_hold_its_memory(image: Imag
         assert state == "D", state
         result.pattern_bytes_written = copies * len(pattern)
         control(g, result, pattern)
-        t0 = time.monotonic()
-        live.trigger_and_measure(g, result, pattern, live.unplug_stick(g))
-        fallback_timings(g, result, t0)
-        console = g.text()
+        console = unplug_and_measure(g, result, pattern)
     kill = [line for line in console.splitlines() if "killcord: stage stage=kill " in line]
     result.notes["kill_stage"] = kill[0].split("killcord: stage ", 1)[1][:300] if kill else None
     result.write(OUT)
