@@ -2,6 +2,8 @@
 SHELL := /bin/bash
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
+# Debian 13 and 12: what `make deb` builds (make deb SUITE=trixie)
+SUITE ?= trixie bookworm
 APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libsystemd-dev util-linux e2fsprogs \
                 qemu-system-x86 qemu-utils mmdebstrap squashfs-tools shellcheck busybox dmsetup
 
@@ -37,8 +39,8 @@ demo-dry: setup             ## on this machine, dry-run: arm on a loop device, r
 bench: setup                ## trigger latency benchmark -> out/bench/latency.json
 	$(PY) bench/latency.py --out out/bench/latency.json
 
-deb:                        ## Debian package -> out/deb/killcord_<version>_amd64.deb (root: installs its build tools)
-	bash packaging/build-deb.sh
+deb:                        ## Debian packages -> out/deb/<suite>/killcord_<version>_<arch>.deb, SUITE="trixie bookworm" (root; each built and linted in a chroot of its suite)
+	bash packaging/build-deb.sh $(SUITE)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis

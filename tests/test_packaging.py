@@ -7,11 +7,13 @@ would drop caches and wipe). The real install in a chroot is tests/vm's job.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
 import stat
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -289,19 +291,61 @@ def test_changelog_version_is_the_package_version() -> None:
     assert m.group(1) == killcord.__version__, "add a changelog entry: dch -c packaging/debian/changelog -v VERSION"
 
 
+def suite_vars(suite: str) -> dict[str, str]:
+    """packaging/suites/<suite>.mk: the KC_* settings that differ between the suites."""
+    text = (ROOT / "packaging" / "suites" / f"{suite}.mk").read_text()
+    return dict(re.findall(r"^(KC_[A-Z_]+) :=[ \t]*(.*)$", text, re.M))
+
+
 def test_control_depends() -> None:
     control = (DEBIAN / "control").read_text()
     binary = control[control.index("\nPackage: killcord"):]
-    assert re.search(r"^Architecture: amd64$", binary, re.M)  # pydantic-core is compiled
+    # all (Debian 13); build-deb.sh makes the Debian 12 build amd64 (its vendored extension)
+    assert re.search(r"^Architecture: all$", binary, re.M)
     depends = re.search(r"^Depends:(.*?)^\S", binary, re.M | re.S).group(1)
-    for dep in ("python3 (>= 3.11)", "python3 (<< 3.12)", "python3-pyudev", "python3-psutil", "python3-systemd",
+    for dep in ("python3 (>= 3.11)", "${killcord:Python}", "python3-pyudev", "python3-psutil", "python3-systemd",
                 "python3-structlog", "kexec-tools", "memlockd", "busybox", "initramfs-tools | dracut",
                 "${misc:Depends}", "${shlibs:Depends}"):
         assert dep in depends, dep
+    assert "<< 3.12" not in depends, "Debian 13's python3 is 3.13: the bound belongs to the bookworm build only"
+    rules = (DEBIAN / "rules").read_text()
+    assert "-Vkillcord:Python=$(KC_PYTHON_DEPENDS)" in rules
+
+
+def test_suites_say_what_differs() -> None:
+    trixie, bookworm = suite_vars("trixie"), suite_vars("bookworm")
+    assert set(trixie) == set(bookworm) == {"KC_ARCH", "KC_VENDOR", "KC_VERSION_SUFFIX", "KC_PYTHON_DEPENDS",
+                                            "KC_SYSTEMD"}
+    # Debian 13: Debian's own pydantic 2 and pydantic-settings, nothing vendored or compiled
+    assert trixie["KC_ARCH"] == "all" and trixie["KC_VENDOR"] == "no" and trixie["KC_VERSION_SUFFIX"] == ""
+    assert "python3-pydantic (>= 2" in trixie["KC_PYTHON_DEPENDS"]
+    assert "python3-pydantic-settings" in trixie["KC_PYTHON_DEPENDS"]
+    assert trixie["KC_SYSTEMD"] == "/usr/lib/systemd"
+    # Debian 12: the cp311 wheels, so amd64 and python 3.11 only; a version below trixie's
+    assert bookworm["KC_ARCH"] == "amd64" and bookworm["KC_VENDOR"] == "yes"
+    assert bookworm["KC_PYTHON_DEPENDS"] == "python3 (<< 3.12)"
+    assert "pydantic" not in bookworm["KC_PYTHON_DEPENDS"]  # Debian 12's python3-pydantic is 1.10
+    assert bookworm["KC_SYSTEMD"] == "/lib/systemd"
+    r = subprocess.run(["dpkg", "--compare-versions", f"1.0{bookworm['KC_VERSION_SUFFIX']}", "lt", "1.0"])
+    assert r.returncode == 0, "an upgrade to Debian 13 must replace the bookworm build"
+    # lintian overrides are per suite: Debian 13's lintian has no init.d-script tag, and an
+    # override of a tag it does not know is an error there (alien-tag)
+    assert not (DEBIAN / "killcord.lintian-overrides").exists()
+    assert "package-supports-alternative-init-but-no-init.d-script" in \
+        (ROOT / "packaging/suites/bookworm.lintian-overrides").read_text()
+    assert not (ROOT / "packaging/suites/trixie.lintian-overrides").exists()
+
+
+def test_build_deb_refuses_an_unknown_suite_before_doing_anything(tmp_path: Path) -> None:
+    r = subprocess.run(["bash", str(ROOT / "packaging/build-deb.sh"), "sid"], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 1
+    assert "unknown suite 'sid'" in r.stderr and "trixie" in r.stderr and "bookworm" in r.stderr, r.stderr
+    assert "make deb SUITE=" in r.stderr
 
 
 def test_vendored_wheels_are_pinned() -> None:
-    lines = [line for line in (ROOT / "packaging/vendor-requirements.txt").read_text().splitlines()
+    lines = [line for line in (ROOT / "packaging/vendor/requirements.txt").read_text().splitlines()
              if line and not line.startswith("#")]
     names = {line.split("==")[0] for line in lines}
     assert all(re.fullmatch(r"[a-z0-9-]+==[0-9][0-9A-Za-z.]*", line) for line in lines), lines
@@ -315,43 +359,152 @@ def test_every_file_the_package_installs_exists() -> None:
     assert not missing, f"`make deb` would stop: missing {missing}"
 
 
-# ---- the built package, when there is one ----
-
-DEBS = sorted((ROOT / "out" / "deb").glob("killcord_*.deb"))
-EXPECTED = {  # path: mode
-    "./usr/bin/killcord": 0o755,
-    "./etc/killcord/killcord.toml": 0o644,
-    "./lib/systemd/system/killcord.service": 0o644,
-    "./lib/systemd/system/killcord-shutdown-prepare.service": 0o644,
-    "./lib/systemd/system-sleep/killcord": 0o755,
-    "./lib/systemd/system-shutdown/killcord": 0o755,
-    "./usr/lib/killcord/killcord/cli.py": 0o644,
-    "./usr/lib/killcord/killcord-wipe": 0o755,
-    "./usr/lib/killcord/killcord-shutdown": 0o755,
-    "./usr/lib/killcord/killcord-cmdline": 0o644,  # sourced by the hooks, not run
-    "./usr/lib/killcord/prepare-shutdown": 0o755,
-    "./usr/share/initramfs-tools/hooks/killcord": 0o755,
-    "./usr/share/initramfs-tools/scripts/init-top/killcord": 0o755,
-    "./usr/lib/dracut/modules.d/90killcord/module-setup.sh": 0o755,
-}
+# ---- the mirror of another suite, from this machine's apt sources ----
 
 
-@pytest.mark.skipif(not DEBS, reason="needs a built package: out/deb/killcord_*.deb does not exist (run `make deb`); "
-                                     "installing it in a chroot is tests/vm's job")
-def test_built_deb_contents() -> None:
-    deb = DEBS[-1]
-    assert deb.name == f"killcord_{killcord.__version__}_amd64.deb", f"{deb.name} is stale: run `make deb`"
+def _suite_chroot():
+    spec = importlib.util.spec_from_file_location("suite_chroot", ROOT / "packaging" / "suite_chroot.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sources_for_another_suite_swap_the_suite_and_keep_the_mirror(tmp_path: Path) -> None:
+    sc = _suite_chroot()
+    etc = tmp_path / "apt"
+    (etc / "sources.list.d").mkdir(parents=True)
+    (etc / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb deb-src\nURIs: http://mirror.invalid/debian\nSuites: bookworm bookworm-updates\n"
+        "Components: main contrib\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n"
+        "# a comment\nTypes: deb\nURIs: http://mirror.invalid/debian-security\nSuites: bookworm-security\n"
+        "Components: main\n\n"
+        "Types: deb\nURIs: http://other.invalid/repo\nSuites: nodistro\nComponents: main\n\n"
+        "Enabled: no\nTypes: deb\nURIs: http://off.invalid/debian\nSuites: bookworm\nComponents: main\n")
+    (etc / "sources.list").write_text(
+        "deb [signed-by=/k.gpg arch=amd64] http://proxy.invalid:3142/debian bookworm-backports main\n"
+        "deb-src http://proxy.invalid/debian bookworm main\n")
+    entries = sc.host_entries(etc)
+    text = sc.sources_for("trixie", entries, "bookworm")
+    stanzas = [sc.parse_deb822(s)[0] for s in text.strip().split("\n\n")]
+    got = [(e.get("URIs"), e.get("Suites"), e.get("Components"), e.get("Signed-By")) for e in stanzas]
+    assert got == [
+        ("http://proxy.invalid:3142/debian", "trixie-backports", "main", "/k.gpg"),
+        ("http://mirror.invalid/debian", "trixie trixie-updates", "main contrib",
+         "/usr/share/keyrings/debian-archive-keyring.gpg"),
+        ("http://mirror.invalid/debian-security", "trixie-security", "main", ""),
+    ]
+    assert all(e.get("Types") == "deb" for e in stanzas)
+    assert "bookworm" not in text and "nodistro" not in text and "off.invalid" not in text
+    # the machine's own suite comes out unchanged
+    assert "Suites: bookworm bookworm-updates" in sc.sources_for("bookworm", entries, "bookworm")
+    # and so no host name is written anywhere in what builds the packages
+    for f in [ROOT / "Makefile", *sorted((ROOT / "packaging").rglob("*"))]:
+        if f.is_file() and f.name != "copyright":
+            assert not re.search(r"\b(?:https?|ftp)://", f.read_text(errors="replace")), f
+
+
+def test_sources_without_an_entry_for_this_suite_say_what_to_add(tmp_path: Path) -> None:
+    sc = _suite_chroot()
+    entries = sc.parse_deb822("Types: deb\nURIs: http://other.invalid/repo\nSuites: nodistro\n")
+    with pytest.raises(sc.SourcesError, match=r"no apt source for this machine's suite \(bookworm\).*trixie"):
+        sc.sources_for("trixie", entries, "bookworm")
+
+
+
+# ---- the built packages, when there are some ----
+
+SUITES = ("trixie", "bookworm")
+
+
+def built_deb(suite: str) -> Path | None:
+    debs = sorted((ROOT / "out" / "deb" / suite).glob("killcord_*.deb"))
+    return debs[-1] if debs else None
+
+
+def expected_files(suite: str) -> dict[str, int]:
+    """path in the package: mode"""
+    sd = "." + suite_vars(suite)["KC_SYSTEMD"]
+    return {
+        "./usr/bin/killcord": 0o755,
+        "./etc/killcord/killcord.toml": 0o644,
+        f"{sd}/system/killcord.service": 0o644,
+        f"{sd}/system/killcord-shutdown-prepare.service": 0o644,
+        f"{sd}/system-sleep/killcord": 0o755,
+        f"{sd}/system-shutdown/killcord": 0o755,
+        "./usr/lib/killcord/killcord/cli.py": 0o644,
+        "./usr/lib/killcord/killcord-wipe": 0o755,
+        "./usr/lib/killcord/killcord-shutdown": 0o755,
+        "./usr/lib/killcord/killcord-cmdline": 0o644,  # sourced by the hooks, not run
+        "./usr/lib/killcord/prepare-shutdown": 0o755,
+        "./usr/share/initramfs-tools/hooks/killcord": 0o755,
+        "./usr/share/initramfs-tools/scripts/init-top/killcord": 0o755,
+        "./usr/lib/dracut/modules.d/90killcord/module-setup.sh": 0o755,
+    }
+
+
+def deb_listing(deb: Path) -> dict[str, int]:
     listing = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True).stdout
     modes: dict[str, int] = {}
     for line in listing.splitlines():
         perms, *_, path = line.split(maxsplit=5)
         modes[path.split(" -> ")[0]] = sum(
             (c != "-") << (8 - i) for i, c in enumerate(perms[1:10]))
-    for path, mode in EXPECTED.items():
+    return modes
+
+
+def deb_field(deb: Path, field: str) -> str:
+    return subprocess.run(["dpkg-deb", "-f", str(deb), field], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def deb_file(deb: Path, path: str) -> str:
+    tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True, check=True).stdout
+    return subprocess.run(["tar", "-xO", path], input=tar, capture_output=True, check=True).stdout.decode()
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_built_deb_contents(suite: str) -> None:
+    deb = built_deb(suite)
+    if deb is None:
+        pytest.skip(f"needs a built package: out/deb/{suite}/killcord_*.deb does not exist (run `make deb`); "
+                    "tests/test_deb_install.py installs it in a chroot of its suite")
+    kc = suite_vars(suite)
+    version = killcord.__version__ + kc["KC_VERSION_SUFFIX"]
+    assert deb.name == f"killcord_{version}_{kc['KC_ARCH']}.deb", f"{deb.name} is stale: run `make deb`"
+    modes = deb_listing(deb)
+    for path, mode in expected_files(suite).items():
         assert path in modes, f"{path} is not in {deb.name}"
         assert modes[path] == mode, f"{path}: mode {modes[path]:o}, want {mode:o}"
-    assert any(p.startswith("./usr/lib/killcord/vendor/pydantic_core/") and p.endswith(".so") for p in modes)
     assert not any("__pycache__" in p or p.endswith(".pyc") for p in modes), "bytecode belongs to postinst"
     conffiles = subprocess.run(["dpkg-deb", "-I", str(deb), "conffiles"], capture_output=True, text=True,
                                check=True).stdout.split()
     assert conffiles == ["/etc/killcord/killcord.toml"]
+    # nothing in the aliased /lib, /bin, /sbin on Debian 13 (its packages ship only /usr)
+    if suite == "trixie":
+        assert not [p for p in modes if re.match(r"\./(lib|bin|sbin)(/|$)", p)]
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_built_deb_fields_and_vendoring_per_suite(suite: str) -> None:
+    deb = built_deb(suite)
+    if deb is None:
+        pytest.skip(f"needs a built package: out/deb/{suite}/killcord_*.deb does not exist (run `make deb`)")
+    modes = deb_listing(deb)
+    depends = deb_field(deb, "Depends")
+    vendored = [p for p in modes if p.startswith("./usr/lib/killcord/vendor/")]
+    copyright_ = deb_file(deb, "./usr/share/doc/killcord/copyright")
+    if suite == "trixie":
+        assert deb_field(deb, "Architecture") == "all"
+        assert "python3-pydantic (>= 2" in depends and "python3-pydantic-settings" in depends, depends
+        assert "<< 3.12" not in depends, depends
+        assert not vendored, f"Debian 13 has pydantic: nothing to vendor, found {vendored[:3]}"
+        assert not any(p.endswith(".so") for p in modes), "nothing compiled on Debian 13"
+        assert "usr/lib/killcord/vendor" not in copyright_
+    else:
+        assert deb_field(deb, "Architecture") == "amd64"
+        assert "python3 (<< 3.12)" in depends and "python3 (>= 3.11)" in depends, depends
+        assert "python3-pydantic" not in depends, depends  # Debian 12's is 1.10: vendored instead
+        assert any(p.startswith("./usr/lib/killcord/vendor/pydantic_core/") and p.endswith(".so") for p in modes)
+        assert any(p.startswith("./usr/lib/killcord/vendor/pydantic_settings/") for p in modes)
+        assert "Files: usr/lib/killcord/vendor/pydantic/*" in copyright_

@@ -89,7 +89,9 @@ def _file_load(kernel: str, initrd: str | None, line: str) -> None:
 def _tools_load(kernel: str, initrd: str | None, line: str) -> None:
     # kexec-tools' kexec_load path: for kernels that refuse kexec_file_load (unsigned
     # image, no CONFIG_KEXEC_FILE). Runs at arm time only.
-    cmd = ["kexec", "--load", kernel, f"--command-line={line}"]
+    # --kexec-syscall: kexec-tools >= 2.0.27 (Debian 13) tries kexec_file_load first by
+    # default; this fallback is for the classic kexec_load (2.0.25 accepts the flag too).
+    cmd = ["kexec", "--kexec-syscall", "--load", kernel, f"--command-line={line}"]
     if initrd:
         cmd.append(f"--initrd={initrd}")
     try:

@@ -71,11 +71,13 @@ class Image:
 
 
 def find_deb() -> Path:
+    """The package built for this image's suite: out/deb/<suite>/killcord_*.deb (any arch:
+    amd64 for bookworm, all for trixie), or $KILLCORD_DEB."""
     if os.environ.get("KILLCORD_DEB"):
         return Path(os.environ["KILLCORD_DEB"])
-    debs = sorted((ROOT / "out" / "deb").glob("killcord_*_amd64.deb"))
+    debs = sorted((ROOT / "out" / "deb" / SUITE).glob("killcord_*.deb"))
     if not debs:
-        raise FileNotFoundError("no out/deb/killcord_*_amd64.deb: run `make deb` first")
+        raise FileNotFoundError(f"no out/deb/{SUITE}/killcord_*.deb: run `make deb SUITE={SUITE}` first")
     return debs[-1]
 
 
