@@ -229,7 +229,9 @@ class Guest:
     def count_in_memory(self, pattern: bytes) -> int:
         """Dump guest RAM (QMP dump-guest-memory, to RAM on the host) and count every
         occurrence of the pattern (occurrences, not lines)."""
-        path = Path(tempfile.mkstemp(prefix="killcord-dump-", dir="/dev/shm")[1])
+        fd, name = tempfile.mkstemp(prefix="killcord-dump-", dir="/dev/shm")
+        os.close(fd)  # an fd left open would keep the unlinked dump in RAM until the run ends
+        path = Path(name)
         try:
             self.qmp("dump-guest-memory", paging=False, protocol=f"file:{path}")
             with open(path, "rb") as f:
