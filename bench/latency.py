@@ -65,7 +65,7 @@ def main() -> int:
             received, decided, acted = [], [], []
             for _ in range(args.events):
                 m = Machine(DEFAULT_DEADLINES_MS)
-                m.feed(Armed(frozenset(med.devpaths), med.optical))
+                m.feed(Armed(frozenset(med.devpaths), med.media_watched))
                 firer = Firer(m, staged, Path(state), live=False)
                 started: list[int] = []
                 real_kill = firer._stages[Stage.KILL]
@@ -80,7 +80,7 @@ def main() -> int:
                 actions: list = []
                 while not actions:
                     select.select([watcher.fileno()], [], [], 5)
-                    events, _ = watcher.drain(med.optical)
+                    events, _ = watcher.drain(med.media_watched)
                     t1 = time.monotonic_ns()
                     for ev in events:
                         actions += m.feed(ev)
