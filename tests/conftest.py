@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import os
 import shutil
+import sys
 import subprocess
 import tempfile
 import time
@@ -154,3 +156,12 @@ def fake_storage_sysfs(fake_usb_sysfs: Path) -> Path:
     (sdb.parent.parent / "type").write_text("0\n")  # SCSI TYPE_DISK
     (sdb / "device").symlink_to("../../../2:0:0:0")
     return sys_root
+
+
+def load_suite_chroot():
+    """packaging/suite_chroot.py (a build script, not a package) as a module."""
+    spec = importlib.util.spec_from_file_location("suite_chroot", ROOT / "packaging" / "suite_chroot.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod

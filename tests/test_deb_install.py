@@ -10,31 +10,21 @@ apt fetches the dependencies. About 2-3 minutes a suite once the tarball is cach
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
 import killcord
-from conftest import needs_root
+from conftest import load_suite_chroot, needs_root
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = {"trixie": "3.13", "bookworm": "3.11"}  # suite: its python3
 
 pytestmark = [pytest.mark.root, needs_root]
-
-
-def _suite_chroot():
-    spec = importlib.util.spec_from_file_location("suite_chroot", ROOT / "packaging" / "suite_chroot.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # Runs in the chroot; /work is the test's directory. What it saw goes to /work/*.txt for the
@@ -80,7 +70,7 @@ def test_installs_in_a_fresh_chroot_of_its_suite_and_runs(suite: str, tmp_path: 
     debs = sorted((ROOT / "out" / "deb" / suite).glob("killcord_*.deb"))
     if not debs:
         pytest.skip(f"needs a built package: out/deb/{suite}/killcord_*.deb does not exist (run `make deb`)")
-    sc = _suite_chroot()
+    sc = load_suite_chroot()
     tarball = sc.tarball(suite, "install")
     work = tmp_path / "work"
     work.mkdir()

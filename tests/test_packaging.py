@@ -7,19 +7,18 @@ would drop caches and wipe). The real install in a chroot is tests/vm's job.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
 import stat
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
 import killcord
+from conftest import load_suite_chroot
 from killcord.config import Config, load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -362,16 +361,8 @@ def test_every_file_the_package_installs_exists() -> None:
 # ---- the mirror of another suite, from this machine's apt sources ----
 
 
-def _suite_chroot():
-    spec = importlib.util.spec_from_file_location("suite_chroot", ROOT / "packaging" / "suite_chroot.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_sources_for_another_suite_swap_the_suite_and_keep_the_mirror(tmp_path: Path) -> None:
-    sc = _suite_chroot()
+    sc = load_suite_chroot()
     etc = tmp_path / "apt"
     (etc / "sources.list.d").mkdir(parents=True)
     (etc / "sources.list.d" / "debian.sources").write_text(
@@ -405,7 +396,7 @@ def test_sources_for_another_suite_swap_the_suite_and_keep_the_mirror(tmp_path: 
 
 
 def test_sources_without_an_entry_for_this_suite_say_what_to_add(tmp_path: Path) -> None:
-    sc = _suite_chroot()
+    sc = load_suite_chroot()
     entries = sc.parse_deb822("Types: deb\nURIs: http://other.invalid/repo\nSuites: nodistro\n")
     with pytest.raises(sc.SourcesError, match=r"no apt source for this machine's suite \(bookworm\).*trixie"):
         sc.sources_for("trixie", entries, "bookworm")

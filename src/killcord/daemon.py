@@ -121,8 +121,8 @@ class Daemon:
         self._lock()
         watched = frozenset(self.medium.devpaths if self.medium else ()) | frozenset(
             self.cord.devpaths if self.cord else ())
-        optical = self.medium.media_watched if self.medium else frozenset()
-        self.machine.feed(Armed(watched, optical))
+        media = self.medium.media_watched if self.medium else frozenset()
+        self.machine.feed(Armed(watched, media))
         logger.info("armed", medium=self.medium.device if self.medium else None,
                     watched=len(watched), kexec_loaded=self.staged.loaded, note=self.medium_note)
         on = self.medium.device if self.medium else f"nothing ({self.medium_note or 'no medium'})"
@@ -234,9 +234,9 @@ class Daemon:
     def on_uevents(self) -> None:
         """At most UEVENT_BATCH events, each fed to the machine as soon as it is read (a
         watched devpath fires at once); the rest wait for the next turn of the loop."""
-        optical = self.medium.media_watched if self.medium else frozenset()
+        media = self.medium.media_watched if self.medium else frozenset()
         for _ in range(UEVENT_BATCH):
-            events, overflow = self.watcher.drain(optical, limit=1)
+            events, overflow = self.watcher.drain(media, limit=1)
             for event in events:
                 self.feed(event)
             if overflow:

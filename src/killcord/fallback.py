@@ -245,10 +245,6 @@ class Handles:
         return cls(dm.open_control(), drop)
 
 
-def as_dict(obj: object) -> dict[str, object]:
-    return asdict(obj)  # type: ignore[call-overload]
-
-
 def run(handles: Handles, deadline: float, live: bool) -> tuple[bool, dict[str, object]]:
     """Steps 1-4 (live) or what they would touch (dry-run: mounts and files counted, nothing
     freed or claimed). Returns (wiped, detail); the caller powers off."""
