@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 # Debian 13 and 12: what `make deb` builds (make deb SUITE=trixie)
 SUITE ?= trixie bookworm
 APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libsystemd-dev util-linux e2fsprogs \
-                qemu-system-x86 qemu-utils mmdebstrap squashfs-tools shellcheck busybox dmsetup
+                qemu-system-x86 qemu-utils mmdebstrap squashfs-tools zstd shellcheck busybox dmsetup
 
 .PHONY: setup test test-unit test-vm-all demo demo-dry bench clean deb
 
@@ -24,8 +24,8 @@ setup: $(VENV)/.installed   ## system packages (root) + .venv with killcord and 
 test: setup deb             ## the suite CI runs, QEMU guests included (root; minutes under TCG)
 	$(PY) -m pytest -q -m "not extended"
 
-test-vm-all: setup deb      ## every QEMU scenario, each writing out/vm/<scenario>.json
-	$(PY) -m pytest -q -m vm tests/vm
+test-vm-all: setup deb      ## every QEMU scenario on each suite of SUITE, each writing out/vm/<suite>/<scenario>.json
+	KILLCORD_SUITES="$(SUITE)" $(PY) -m pytest -q -m vm tests/vm
 
 test-unit: setup            ## everything but the QEMU guests (seconds)
 	$(PY) -m pytest -q -m "not vm"
@@ -36,8 +36,9 @@ demo: setup deb             ## the main job: a live system in QEMU, memory fille
 demo-dry: setup             ## on this machine, dry-run: arm on a loop device, remove it, show what fired
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/demo.sh
 
-bench: setup                ## trigger latency benchmark -> out/bench/latency.json
+bench: setup                ## trigger latency benchmarks -> out/bench/latency.json, out/bench/uevent_storm.json
 	$(PY) bench/latency.py --out out/bench/latency.json
+	$(PY) bench/uevent_storm.py --out out/bench/uevent_storm.json
 
 deb:                        ## Debian packages -> out/deb/<suite>/killcord_<version>_<arch>.deb, SUITE="trixie bookworm" (root; each built and linted in a chroot of its suite)
 	bash packaging/build-deb.sh $(SUITE)

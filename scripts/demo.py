@@ -20,6 +20,7 @@ from vm import live  # noqa: E402
 from vm.image import build, find_deb  # noqa: E402
 
 OUT = ROOT / "out" / "demo"
+SUITE = "trixie"  # the demo runs today's stable, Debian 13
 LABELS = {
     "unplug_to_uevent": "kernel uevent (reference listener)",
     "unplug_to_detect": "killcord detects",
@@ -60,8 +61,8 @@ def main() -> int:
         print("demo: run as root (mmdebstrap, QEMU)", file=sys.stderr)
         return 2
     OUT.mkdir(parents=True, exist_ok=True)
-    print("demo: building the live image (cached after the first run)...", flush=True)
-    image = build(find_deb(), log=open(OUT / "build.log", "w"))
+    print(f"demo: building the {SUITE} live image (cached after the first run)...", flush=True)
+    image = build(SUITE, find_deb(SUITE), log=open(OUT / "build.log", "w"))
     result, pattern = live.Result("demo"), live.new_pattern()
     print("demo: booting the live system from the virtual USB stick (TCG: about a minute)...", flush=True)
     with live.boot(image, OUT / "console.log") as g:

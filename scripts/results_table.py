@@ -1,4 +1,5 @@
-"""Print the QEMU scenarios' results (out/vm/*.json) as the Markdown table in README.md."""
+"""Print the QEMU scenarios' results (out/vm/<suite>/*.json) as the Markdown table in README.md,
+one row per scenario and suite."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def fmt_ms(v: float | None) -> str:
 
 def main() -> int:
     rows = []
-    for path in sorted(OUT.glob("*.json")):
+    for path in sorted(OUT.glob("*/*.json"), key=lambda p: (p.stem, p.parent.name)):
         d = json.loads(path.read_text())
         if "pattern_bytes_written" not in d:
             continue  # the initramfs tests' records have another shape
@@ -30,15 +31,15 @@ def main() -> int:
         t = d.get("timings_ms") or {}
         verdict = "-" if left is None else ("pass" if left <= tails else "over")
         rows.append(
-            f"| {d['scenario']} | {written / 2**20:.0f} MiB | {100 * found / written:.2f} % | "
+            f"| {d['scenario']} | {path.parent.name} | {written / 2**20:.0f} MiB | {100 * found / written:.2f} % | "
             f"{'-' if left is None else f'{left:,} B'} | {tails / 2**20:.1f} MiB ({verdict}) | "
             f"{'yes' if d.get('powered_off') else 'no'} | " + " | ".join(fmt_ms(t.get(c)) for c in COLUMNS) + " |")
     if not rows:
         print(f"no results in {OUT}: run `make test-vm-all`", file=sys.stderr)
         return 1
-    print("| scenario | written | found before | left after | Tails' 0.8 % of free memory | powered off | "
+    print("| scenario | suite | written | found before | left after | Tails' 0.8 % of free memory | powered off | "
           "uevent ms | detect ms | killed ms | kexec ms | wiped ms | poweroff ms |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- " * 13 + "|")
     print("\n".join(rows))
     return 0
 

@@ -1,22 +1,72 @@
-"""The guest image, built once per session (or taken from the cache)."""
+"""The guest images, one per suite, each built once per session (or taken from the cache),
+and which scenario CI runs on which suite.
+
+Every test that takes `image` runs once per suite in $KILLCORD_SUITES (default: Debian 13
+trixie and Debian 12 bookworm; `make test-vm-all SUITE=trixie` sets it). CI (`-m "not
+extended"`) runs the matrix below; the rest is marked extended and runs in make test-vm-all.
+"""
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
 
-from .image import ROOT, Image, build, find_deb
+from .image import ROOT, SUITES, Image, build, find_deb
+from .installed import SUITE as INSTALLED_SUITE
 
-OUT = ROOT / "out" / "vm"
+# The CI matrix: which scenarios run on which suite. A scenario is the letter (or word)
+# after test_ in the test's name: test_a_..., test_anti_..., test_sanitizing_...
+CI_MATRIX: dict[str, frozenset[str]] = {
+    # Debian 13: the core scenarios, the fallback ones of the hardening issue, boot clearing
+    "trixie": frozenset({"a", "e", "f", "g", "h", "k", "l", "m", "anti", "package", "wipe", "fallback", "panic"}),
+    # Debian 12 (oldstable): the kexec path, the fallback, the package in its initramfs
+    "bookworm": frozenset({"a", "g", "package"}),
+}
+
+
+def suites() -> list[str]:
+    names = os.environ.get("KILLCORD_SUITES", " ".join(SUITES)).split()
+    unknown = [s for s in names if s not in SUITES]
+    if unknown:
+        raise pytest.UsageError(f"KILLCORD_SUITES={' '.join(names)}: unknown suite {unknown[0]!r}; "
+                                f"use one or more of {', '.join(SUITES)} (make test-vm-all SUITE=trixie)")
+    return names
+
+
+def scenario_of(test_name: str) -> str:
+    return test_name.split("[", 1)[0].removeprefix("test_").split("_", 1)[0]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "image" in metafunc.fixturenames:
+        metafunc.parametrize("image", suites(), indirect=True, scope="session")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    wanted, dropped = suites(), []
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        suite = spec.params.get("image") if spec else None
+        if suite and scenario_of(item.name) not in CI_MATRIX[suite]:
+            item.add_marker(pytest.mark.extended)
+        # the installed dracut guest (test_dracut.py) is of one suite: it runs when that suite is asked for
+        if "installed" in getattr(item, "fixturenames", ()) and INSTALLED_SUITE not in wanted:
+            dropped.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if item not in dropped]
 
 
 @pytest.fixture(scope="session")
-def image() -> Image:
+def image(request: pytest.FixtureRequest) -> Image:
+    suite = request.param
     try:
-        deb = find_deb()
+        deb = find_deb(suite)
     except FileNotFoundError:
-        subprocess.run(["make", "-C", str(ROOT), "deb"], check=True)
-        deb = find_deb()
-    OUT.mkdir(parents=True, exist_ok=True)
-    return build(deb)
+        subprocess.run(["make", "-C", str(ROOT), "deb", f"SUITE={suite}"], check=True)
+        deb = find_deb(suite)
+    image = build(suite, deb)
+    image.out.mkdir(parents=True, exist_ok=True)
+    return image

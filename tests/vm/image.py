@@ -1,8 +1,10 @@
-"""Build (or take from the cache) a Debian bookworm system with killcord's .deb installed.
+"""Build (or take from the cache) a Debian system of one suite (Debian 13 trixie or 12
+bookworm) with that suite's killcord .deb installed.
 
-mmdebstrap with no mirror argument: the machine's own apt sources. The result is cached
-under .cache/vm/<key>, the key made of the .deb, the package list and this file, so a
-second run does not rebuild. Outputs: the kernel (bzImage and the uncompressed vmlinux
+The mirror is the machine's own apt sources with the suite swapped
+(packaging/suite_chroot.py sources SUITE). The result is cached under
+.cache/vm/<suite>-<key>, the key made of the suite, the .deb, the package list, the
+sources and this file, so a second run does not rebuild. Outputs: the kernel (bzImage and the uncompressed vmlinux
 that QEMU boots faster), the initramfs, a root file system image, and what the build saw
 (the initramfs listing, the installed killcord.toml).
 """
@@ -22,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache" / "vm"
-SUITE = "bookworm"
+SUITES = ("trixie", "bookworm")  # Debian 13 (stable) first: what the demo boots
 PACKAGES = [
     "systemd-sysv", "udev", "linux-image-amd64", "initramfs-tools", "busybox", "dmsetup",
     "kexec-tools", "memlockd", "procps", "kmod", "live-boot", "cryptsetup-bin", "e2fsprogs", "dosfstools",
@@ -34,6 +36,15 @@ GUEST = Path(__file__).resolve().parent / "guest"  # test-only files, inert unle
 @dataclass(frozen=True)
 class Image:
     dir: Path
+
+    @property
+    def suite(self) -> str:
+        return self.info["suite"]
+
+    @property
+    def out(self) -> Path:
+        """Where the scenarios on this image write their results: out/vm/<suite>/."""
+        return ROOT / "out" / "vm" / self.suite
 
     @property
     def vmlinuz(self) -> Path:
@@ -70,35 +81,64 @@ class Image:
         return json.loads((self.dir / "info.json").read_text())
 
 
-def find_deb() -> Path:
-    """The package built for this image's suite: out/deb/<suite>/killcord_*.deb (any arch:
-    amd64 for bookworm, all for trixie), or $KILLCORD_DEB."""
-    if os.environ.get("KILLCORD_DEB"):
-        return Path(os.environ["KILLCORD_DEB"])
-    debs = sorted((ROOT / "out" / "deb" / SUITE).glob("killcord_*.deb"))
+def find_deb(suite: str) -> Path:
+    """The package built for `suite`: out/deb/<suite>/killcord_*.deb (any arch: amd64 for
+    bookworm, all for trixie)."""
+    debs = sorted((ROOT / "out" / "deb" / suite).glob("killcord_*.deb"))
     if not debs:
-        raise FileNotFoundError(f"no out/deb/{SUITE}/killcord_*.deb: run `make deb SUITE={SUITE}` first")
+        raise FileNotFoundError(f"no out/deb/{suite}/killcord_*.deb: run `make deb SUITE={suite}` first")
     return debs[-1]
 
 
-def cache_key(deb: Path) -> str:
+def suite_sources(suite: str) -> str:
+    """The machine's apt sources for `suite` (deb822), from the one owner of that rule."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}: use one of {', '.join(SUITES)}")
+    return subprocess.run([sys.executable, str(ROOT / "packaging" / "suite_chroot.py"), "sources", suite],
+                          check=True, capture_output=True, text=True).stdout
+
+
+def cache_key(deb: Path, suite: str, sources: str) -> str:
     h = hashlib.sha256()
     h.update(deb.read_bytes())
-    h.update(json.dumps([SUITE, PACKAGES]).encode())
+    h.update(json.dumps([suite, PACKAGES, sources]).encode())
     h.update(Path(__file__).read_bytes())
     for f in sorted(GUEST.iterdir()):
         h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()[:16]
 
 
+def guest_hooks(hooks: Path) -> list[str]:
+    """mmdebstrap customize hooks that install the test agent and its units (tests/vm/guest,
+    copied to `hooks`): inert unless the command line says killcord_ci=."""
+    units = sorted(p.name for p in GUEST.glob("*.service"))
+    programs = " ".join(f"{hooks}/{p.name}" for p in sorted(GUEST.iterdir()) if p.suffix != ".service")
+    return [
+        f'copy-in {programs} /usr/local/sbin',
+        'chmod 0755 "$1"/usr/local/sbin/*',
+        f'copy-in {" ".join(f"{hooks}/{u}" for u in units)} /etc/systemd/system',
+        f'chroot "$1" systemctl enable {" ".join(units)}',
+        # a clean console for the tests that read it, and ttyS1 for the agent alone
+        'chroot "$1" systemctl mask serial-getty@ttyS0.service serial-getty@ttyS1.service getty@tty1.service',
+    ]
+
+
 def extract_vmlinux(bzimage: Path, out: Path) -> None:
     """The uncompressed kernel: QEMU boots it through its PVH entry, twice as fast under
-    TCG as the bzImage (vm-findings.md). Debian's bzImage carries an xz payload."""
+    TCG as the bzImage (vm-findings.md). Debian 12's bzImage carries an xz payload, Debian
+    13's a zstd one (no zstd in the standard library: the zstd command, which stops with an
+    error at the bytes after the frame, after writing the kernel)."""
     data = bzimage.read_bytes()
-    offset = data.find(b"\xfd7zXZ\x00")
-    if offset < 0:
-        raise ValueError(f"{bzimage}: no xz payload found")
-    out.write_bytes(lzma.LZMADecompressor().decompress(data[offset:]))
+    xz, zstd = data.find(b"\xfd7zXZ\x00"), data.find(b"\x28\xb5\x2f\xfd")
+    if xz >= 0:
+        kernel = lzma.LZMADecompressor().decompress(data[xz:])
+    elif zstd >= 0:
+        kernel = subprocess.run(["zstd", "-dcq"], input=data[zstd:], capture_output=True).stdout
+    else:
+        raise ValueError(f"{bzimage}: no xz or zstd payload found")
+    if not kernel.startswith(b"\x7fELF"):
+        raise ValueError(f"{bzimage}: its payload did not decompress to an ELF kernel")
+    out.write_bytes(kernel)
 
 
 def _mounts_under(tree: Path) -> list[str]:
@@ -107,28 +147,24 @@ def _mounts_under(tree: Path) -> list[str]:
         return [m for m in (line.split()[4] for line in f) if m.startswith(prefix)]
 
 
-def build(deb: Path | None = None, cache: Path = CACHE, log=sys.stderr) -> Image:
-    deb = deb or find_deb()
-    target = cache / cache_key(deb)
+def build(suite: str, deb: Path | None = None, cache: Path = CACHE, log=sys.stderr) -> Image:
+    deb = deb or find_deb(suite)
+    sources = suite_sources(suite)
+    target = cache / f"{suite}-{cache_key(deb, suite, sources)}"
     if (target / "info.json").exists():
         return Image(target)
     cache.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="build-", dir=cache))
+    work = Path(tempfile.mkdtemp(prefix=f"build-{suite}-", dir=cache))
     tree = work / "tree"
     hooks = work / "hooks"
     shutil.copytree(GUEST, hooks)
+    (work / "debian.sources").write_text(sources)
     shutil.copy(deb, hooks / "killcord.deb")
-    units = sorted(p.name for p in GUEST.glob("*.service"))
     customize = [
         f'copy-in {hooks}/killcord.deb /tmp',
         'chroot "$1" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q /tmp/killcord.deb',
         'rm -f "$1/tmp/killcord.deb"',
-        f'copy-in {" ".join(f"{hooks}/{p.name}" for p in GUEST.iterdir() if p.suffix != ".service")} /usr/local/sbin',
-        'chmod 0755 "$1"/usr/local/sbin/*',
-        f'copy-in {" ".join(f"{hooks}/{u}" for u in units)} /etc/systemd/system',
-        f'chroot "$1" systemctl enable {" ".join(units)}',
-        # a clean console for the tests that read it
-        'chroot "$1" systemctl mask serial-getty@ttyS0.service serial-getty@ttyS1.service getty@tty1.service',
+        *guest_hooks(hooks),
         'echo killcord-test > "$1/etc/hostname"',
         'chroot "$1" useradd --create-home --shell /bin/sh user',
         f'chroot "$1" sh -c "lsinitramfs /boot/initrd.img-*" > {work}/initrd-files.txt',
@@ -136,7 +172,7 @@ def build(deb: Path | None = None, cache: Path = CACHE, log=sys.stderr) -> Image
     cmd = ["mmdebstrap", "--variant=apt", "--mode=root", "--format=directory",
            f"--include={','.join(PACKAGES)}"]
     cmd += [f"--customize-hook={h}" for h in customize]
-    cmd += [SUITE, str(tree)]
+    cmd += [suite, str(tree), str(work / "debian.sources")]
     print(f"image: building {target.name} with mmdebstrap ({deb.name})", file=log, flush=True)
     subprocess.run(cmd, check=True, stdout=log, stderr=log)
     # mmdebstrap only warns when it cannot unmount what it mounted in the tree ("umount
@@ -169,7 +205,7 @@ def build(deb: Path | None = None, cache: Path = CACHE, log=sys.stderr) -> Image
         subprocess.run(["mkfs.ext4", "-q", "-L", "KILLCORD", "-d", str(work / "stick"), str(work / "stick.img"),
                         f"{stick_mib}M"], check=True)
         shutil.rmtree(work / "stick")
-        info = {"deb": deb.name, "kernel": vmlinuz.name, "packages": PACKAGES}
+        info = {"suite": suite, "deb": deb.name, "kernel": vmlinuz.name, "packages": PACKAGES}
         (work / "info.json").write_text(json.dumps(info, indent=2))
     finally:
         shutil.rmtree(tree, ignore_errors=True)
@@ -181,4 +217,4 @@ def build(deb: Path | None = None, cache: Path = CACHE, log=sys.stderr) -> Image
 
 
 if __name__ == "__main__":
-    print(build().dir)
+    print(build(sys.argv[1] if len(sys.argv) > 1 else SUITES[0]).dir)

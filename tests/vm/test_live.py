@@ -19,9 +19,7 @@ from pathlib import Path
 import pytest
 
 from . import live
-from .image import ROOT, Image
-
-OUT = ROOT / "out" / "vm"
+from .image import Image
 
 pytestmark = [
     pytest.mark.vm,
@@ -29,8 +27,8 @@ pytestmark = [
 ]
 
 
-def check_wiped(result: live.Result) -> None:
-    result.write(OUT)
+def check_wiped(result: live.Result, image: Image) -> None:
+    result.write(image.out)
     assert result.powered_off
     assert result.pattern_bytes_left is not None
     assert result.pattern_bytes_left <= live.MAX_LEFT_BYTES, result.as_dict()
@@ -55,13 +53,13 @@ def fill_and_control(g, result: live.Result, pattern: bytes, mib: int = 128) -> 
 
 def test_a_process_memory_is_wiped_after_unplug(image: Image) -> None:
     result, pattern = live.Result("a-process"), live.new_pattern()
-    with live.boot(image, OUT / "a-process.log") as g:
+    with live.boot(image, image.out / "a-process.log") as g:
         status = live.wait_armed(g)
         assert status["kexec"]["loaded"] and status["medium"]["source"] == "live-boot"
         fill_and_control(g, result, pattern)
         live.trigger_and_measure(g, result, pattern, live.unplug_stick(g))
     result.notes["medium"] = status["medium"]["device"]
-    check_wiped(result)
+    check_wiped(result, image)
     t = result.timings_ms
     assert t["unplug_to_detect"] is not None and t["unplug_to_kexec"] is not None
     assert t["unplug_to_wiped"] is not None
@@ -69,7 +67,7 @@ def test_a_process_memory_is_wiped_after_unplug(image: Image) -> None:
 
 def test_f_panic_root_fires_unprivileged_is_refused(image: Image) -> None:
     result, pattern = live.Result("f-panic"), live.new_pattern()
-    with live.boot(image, OUT / "f-panic.log") as g:
+    with live.boot(image, image.out / "f-panic.log") as g:
         live.wait_armed(g)
         fill_and_control(g, result, pattern)
         refused = g.run("runuser -u user -- killcord panic", check=False)
@@ -79,12 +77,12 @@ def test_f_panic_root_fires_unprivileged_is_refused(image: Image) -> None:
         assert_untouched(g, result, pattern)
         result.notes["refused_rc"] = refused["rc"]
         live.trigger_and_measure(g, result, pattern, lambda: g.run("setsid -f killcord panic >/dev/null 2>&1"))
-    check_wiped(result)
+    check_wiped(result, image)
 
 
 def test_g_without_kexec_the_initramfs_fallback_wipes(image: Image) -> None:
     result, pattern = live.Result("g-no-kexec"), live.new_pattern()
-    with live.boot(image, OUT / "g-no-kexec.log", append="sysctl.kernel.kexec_load_disabled=1") as g:
+    with live.boot(image, image.out / "g-no-kexec.log", append="sysctl.kernel.kexec_load_disabled=1") as g:
         status = live.wait_armed(g)
         assert not status["kexec"]["loaded"]
         fill_and_control(g, result, pattern)
@@ -93,7 +91,7 @@ def test_g_without_kexec_the_initramfs_fallback_wipes(image: Image) -> None:
     assert "killcord: poweroff wiped_ok=True" in console  # the daemon's own fallback
     assert "stage=sysrq" not in console
     assert result.timings_ms["unplug_to_kexec"] is None
-    check_wiped(result)
+    check_wiped(result, image)
 
 
 def unplug_and_measure(g, result: live.Result, pattern: bytes) -> str:
@@ -116,7 +114,7 @@ def test_k_fallback_needs_nothing_from_the_stick(image: Image, init_on_free: int
     name = f"k-fallback-iof{init_on_free}"
     result, pattern = live.Result(name), live.new_pattern()
     append = f"sysctl.kernel.kexec_load_disabled=1 init_on_free={init_on_free}"  # the last one wins
-    with live.boot(image, OUT / f"{name}.log", append=append, memory_mib=2048) as g:
+    with live.boot(image, image.out / f"{name}.log", append=append, memory_mib=2048) as g:
         status = live.wait_armed(g)
         assert not status["kexec"]["loaded"]
         result.free_bytes_before_fill = live.mem_free_bytes(g)
@@ -128,20 +126,20 @@ def test_k_fallback_needs_nothing_from_the_stick(image: Image, init_on_free: int
         console = unplug_and_measure(g, result, pattern)
     done = [line for line in console.splitlines() if "killcord: poweroff " in line]
     result.notes["fallback"] = done[0].split("killcord: poweroff ", 1)[1] if done else None
-    result.write(OUT)
+    result.write(image.out)
     assert done and "wiped_ok=True" in done[0], done
     assert "stage=sysrq" not in console and "Failed to execute shutdown binary" not in console
     t = result.timings_ms
     assert t["unplug_to_poweroff"] - t["unplug_to_kexec_skipped"] < 10_000  # the poweroff stage's deadline
     if init_on_free:
-        check_wiped(result)
+        check_wiped(result, image)
         return
     # Without init_on_free nothing zeroes a page when it is freed: what the wipe cannot claim,
     # the reserve it leaves the kernel (1/64 of RAM) and the kernel's own watermarks, keeps
     # whatever it held. That residue is measured and bounded by the reserve, not hidden.
     reserve = int(re.search(r"'reserve_bytes': (\d+)", done[0])[1])
     result.notes["reserve_bytes"] = reserve
-    result.write(OUT)
+    result.write(image.out)
     assert result.powered_off and result.pattern_bytes_left is not None
     assert result.pattern_bytes_left <= reserve, result.as_dict()
 
@@ -170,7 +168,7 @@ def test_l_a_process_in_uninterruptible_sleep_cannot_hold_its_memory(image: Imag
     mib = 128
     copies = mib * 1024 * 1024 // len(pattern)
     script = base64.b64encode(STUCK.format(hex=pattern.hex(), copies=copies).encode()).decode()
-    with live.boot(image, OUT / f"{name}.log", append=append) as g:
+    with live.boot(image, image.out / f"{name}.log", append=append) as g:
         status = live.wait_armed(g)
         assert status["kexec"]["loaded"] == (path == "kexec")
         result.free_bytes_before_fill = live.mem_free_bytes(g)
@@ -186,18 +184,18 @@ def test_l_a_process_in_uninterruptible_sleep_cannot_hold_its_memory(image: Imag
         console = unplug_and_measure(g, result, pattern)
     kill = [line for line in console.splitlines() if "killcord: stage stage=kill " in line]
     result.notes["kill_stage"] = kill[0].split("killcord: stage ", 1)[1][:300] if kill else None
-    result.write(OUT)
+    result.write(image.out)
     if path == "fallback":
         done = [line for line in console.splitlines() if "killcord: poweroff " in line]
         assert done and "'name': 'kc-stuck'" in done[0] and "wiped_ok=True" in done[0], done
     assert "stage=sysrq" not in console
-    check_wiped(result)
+    check_wiped(result, image)
 
 
 def test_h_other_stick_and_unrelated_events_never_fire(image: Image, tmp_path: Path) -> None:
     extra = live.usb_drive(tmp_path / "other.img", "other", "16M", mkfs="mkfs.ext4")
     result, pattern = live.Result("h-no-false-trigger"), live.new_pattern()
-    with live.boot(image, OUT / "h-no-false-trigger.log", extra_args=extra) as g:
+    with live.boot(image, image.out / "h-no-false-trigger.log", extra_args=extra) as g:
         live.wait_armed(g)
         fill_and_control(g, result, pattern)
         g.qmp("device_del", id="other")
@@ -212,14 +210,14 @@ def test_h_other_stick_and_unrelated_events_never_fire(image: Image, tmp_path: P
         result.notes["unrelated_uevents"] = 1000
         # and the real stick still fires afterwards
         live.trigger_and_measure(g, result, pattern, live.unplug_stick(g))
-    check_wiped(result)
+    check_wiped(result, image)
 
 
 def test_anti_without_killcord_a_reset_keeps_the_pattern(image: Image) -> None:
     """The dump method's own proof: with killcord stopped, reset the guest: the pattern is
     still found, so a low count after a trigger means a wipe, not a blind dump."""
     result, pattern = live.Result("anti-test"), live.new_pattern()
-    with live.boot(image, OUT / "anti-test.log") as g:
+    with live.boot(image, image.out / "anti-test.log") as g:
         live.wait_armed(g)
         g.run("systemctl stop killcord.service")
         fill_and_control(g, result, pattern)
@@ -227,7 +225,7 @@ def test_anti_without_killcord_a_reset_keeps_the_pattern(image: Image) -> None:
         time.sleep(2)
         g.qmp("stop")
         result.pattern_bytes_left = live.pattern_bytes(g, pattern)
-    result.write(OUT)
+    result.write(image.out)
     assert result.pattern_bytes_left >= 0.90 * result.pattern_bytes_written, result.as_dict()
 
 
@@ -253,7 +251,7 @@ def test_e_luks_caches_and_volume_key_are_gone(image: Image, tmp_path: Path) -> 
     mib = 16
     copies = mib * 1024 * 1024 // len(pattern)
     write = f"python3 -c \"open('/mnt/secret/{{0}}', 'wb').write(bytes.fromhex('{pattern.hex()}') * {copies})\""
-    with live.boot(image, OUT / "e-luks.log", extra_args=extra) as g:
+    with live.boot(image, image.out / "e-luks.log", extra_args=extra) as g:
         live.wait_armed(g)
         result.free_bytes_before_fill = live.mem_free_bytes(g)
         dev = live.device_of_size(g, 64 << 20)
@@ -275,11 +273,79 @@ def test_e_luks_caches_and_volume_key_are_gone(image: Image, tmp_path: Path) -> 
         live.trigger_and_measure(g, result, pattern, live.unplug_stick(g))
         key_after = [g.count_in_memory(h) for h in halves]
     result.notes.update(volume_key_half_copies_before=key_before, volume_key_half_copies_after=key_after)
-    check_wiped(result)
+    check_wiped(result, image)
     assert key_after == [0, 0]
 
 
-# ---- the extended scenarios: `make test-vm-all` (CI runs a, e, f, g, h and the anti-test) ----
+def newc_archive(files: dict[str, tuple[int, bytes]]) -> bytes:
+    """A cpio archive in the kernel's initramfs format ("newc") holding `files` (path: mode,
+    content). Written here because the host has no cpio and the format is a few fields
+    (Documentation/driver-api/early-userspace/buffer-format.rst)."""
+    out = b""
+
+    def entry(ino: int, name: str, mode: int, data: bytes) -> bytes:
+        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name) + 1, 0]
+        head = b"070701" + b"".join(b"%08X" % f for f in fields) + name.encode() + b"\0"
+        head += b"\0" * (-len(head) % 4)
+        return head + data + b"\0" * (-len(data) % 4)
+
+    for ino, (name, (mode, data)) in enumerate(files.items(), start=1):
+        out += entry(ino, name, 0o100000 | mode, data)
+    return out + entry(0, "TRAILER!!!", 0, b"")
+
+
+# The target's wiper replaced for scenario m: it wipes nothing and reports what the kernel
+# says of its own clearing, so that what the dump finds is what the kernel's boot left.
+NO_WIPE = b"""#!/bin/sh
+echo "<2>killcord-wipe: skipped (scenario m: no wipe pass); kernel: $(dmesg | grep -o 'mem auto-init:.*')" > /dev/kmsg
+exit 0
+"""
+
+
+@pytest.mark.parametrize("target_init_on_free", [1, 0])
+def test_m_the_targets_boot_alone_clears_ram(image: Image, target_init_on_free: int) -> None:
+    """What the kexec target's boot clears by itself, the wipe pass turned off. The first
+    kernel runs init_on_free=0, so the killed process's pages keep the pattern until the
+    target boots. The test stages the live initrd again with killcord-wipe replaced by a
+    stand-in that wipes nothing (a cpio appended to it overrides the file) and the
+    command line killcord built. With init_on_free=1 on the target (killcord's line) the
+    boot alone leaves at most 16 KiB; with init_on_free=0 last (the control) most of the
+    pattern survives, so the dump could have seen what the boot left."""
+    name = f"m-boot-clearing-iof{target_init_on_free}"
+    result, pattern = live.Result(name), live.new_pattern()
+    stub = base64.b64encode(newc_archive({"usr/lib/killcord/killcord-wipe": (0o755, NO_WIPE)})).decode()
+    with live.boot(image, image.out / f"{name}.log", append="init_on_free=0") as g:
+        status = live.wait_armed(g)
+        staged = status["kexec"]
+        assert staged["loaded"] and "init_on_free=1" in staged["cmdline"], staged
+        cmdline = staged["cmdline"] + ("" if target_init_on_free else " init_on_free=0")
+        # The kernel reads an uncompressed archive after a compressed one only at a 4-byte
+        # aligned offset (init/initramfs.c, unpack_to_rootfs; zeros between are skipped): pad.
+        g.run(f"echo {stub} | base64 -d > /run/no-wipe.cpio && cat {staged['initrd']} > /run/initrd-no-wipe.img && "
+              f"truncate -s %4 /run/initrd-no-wipe.img && cat /run/no-wipe.cpio >> /run/initrd-no-wipe.img && "
+              f"kexec -l {staged['kernel']} --initrd=/run/initrd-no-wipe.img --append='{cmdline}'")
+        fill_and_control(g, result, pattern)
+        t0 = time.monotonic()
+        live.trigger_and_measure(g, result, pattern, live.unplug_stick(g))
+        skipped = live.first_line_after(g, r"killcord-wipe: skipped", t0)
+        console = g.text()
+    report = [line for line in console.splitlines() if "killcord-wipe: skipped" in line]
+    result.notes["target_cmdline"] = cmdline
+    result.notes["target_kernel_says"] = report[0].split("kernel: ", 1)[1] if report else None
+    result.timings_ms["unplug_to_target_userspace"] = live.ms(skipped, t0)
+    result.write(image.out)
+    assert "Initramfs unpacking failed" not in console, "the target's initrd (with the stand-in) did not unpack"
+    assert report, "the target never ran its (stand-in) wiper"
+    assert "killcord-wipe: wiped" not in console  # nothing but the boot cleared
+    assert f"heap free:{'on' if target_init_on_free else 'off'}" in report[0], report[0]
+    assert result.powered_off
+    if target_init_on_free:
+        check_wiped(result, image)
+    else:
+        assert result.pattern_bytes_left >= 0.5 * result.pattern_bytes_written, result.as_dict()
+
+
+# ---- the extended scenarios: `make test-vm-all` (conftest.CI_MATRIX: what CI runs per suite) ----
 
 def fill_file(g, pattern: bytes, path: str, mib: int = 64) -> int:
     copies = mib * 1024 * 1024 // len(pattern)
@@ -291,20 +357,20 @@ def fill_file(g, pattern: bytes, path: str, mib: int = 64) -> int:
 @pytest.mark.parametrize(("scenario", "path"), [("b-tmpfs", "/dev/shm/secret"), ("c-overlay-root", "/root/secret")])
 def test_bc_files_in_ram_file_systems_are_wiped(image: Image, scenario: str, path: str) -> None:
     result, pattern = live.Result(scenario), live.new_pattern()
-    with live.boot(image, OUT / f"{scenario}.log") as g:
+    with live.boot(image, image.out / f"{scenario}.log") as g:
         live.wait_armed(g)
         result.free_bytes_before_fill = live.mem_free_bytes(g)
         result.pattern_bytes_written = fill_file(g, pattern, path)
         control(g, result, pattern)
         live.trigger_and_measure(g, result, pattern, live.unplug_stick(g))
-    check_wiped(result)
+    check_wiped(result, image)
 
 
 @pytest.mark.extended
 def test_d_vfat_drive_caches_are_wiped(image: Image, tmp_path: Path) -> None:
     extra = live.usb_drive(tmp_path / "vfat.img", "vfat", "96M")
     result, pattern = live.Result("d-vfat"), live.new_pattern()
-    with live.boot(image, OUT / "d-vfat.log", extra_args=extra) as g:
+    with live.boot(image, image.out / "d-vfat.log", extra_args=extra) as g:
         live.wait_armed(g)
         result.free_bytes_before_fill = live.mem_free_bytes(g)
         dev = live.device_of_size(g, 96 << 20)
@@ -316,13 +382,13 @@ def test_d_vfat_drive_caches_are_wiped(image: Image, tmp_path: Path) -> None:
         result.pattern_bytes_written = written
         control(g, result, pattern)
         live.trigger_and_measure(g, result, pattern, live.unplug_stick(g))
-    check_wiped(result)
+    check_wiped(result, image)
 
 
 @pytest.mark.extended
 def test_i_stick_pulled_while_killcord_restarts_fires_when_it_is_back(image: Image) -> None:
     result, pattern = live.Result("i-restart"), live.new_pattern()
-    with live.boot(image, OUT / "i-restart.log") as g:
+    with live.boot(image, image.out / "i-restart.log") as g:
         live.wait_armed(g)
         fill_and_control(g, result, pattern)
 
@@ -333,7 +399,7 @@ def test_i_stick_pulled_while_killcord_restarts_fires_when_it_is_back(image: Ima
         live.trigger_and_measure(g, result, pattern, pull_while_down)
         console = g.text()
     assert "killcord: fire trigger=medium absent" in console or "killcord: fire trigger=uevent" in console
-    check_wiped(result)
+    check_wiped(result, image)
 
 
 
@@ -342,7 +408,7 @@ def test_i_stick_pulled_while_killcord_restarts_fires_when_it_is_back(image: Ima
 @pytest.mark.extended
 def test_j_suspend_keeps_armed_and_a_stick_pulled_asleep_fires_on_resume(image: Image) -> None:
     result, pattern = live.Result("j-suspend"), live.new_pattern()
-    with live.boot(image, OUT / "j-suspend.log", s3=True) as g:
+    with live.boot(image, image.out / "j-suspend.log", s3=True) as g:
         live.wait_armed(g)
         fill_and_control(g, result, pattern)
 
@@ -378,4 +444,4 @@ def test_j_suspend_keeps_armed_and_a_stick_pulled_asleep_fires_on_resume(image: 
     fired = [line for line in console.splitlines() if "killcord: fire " in line]
     assert fired, "killcord never fired"
     result.notes["fired_by"] = fired[0].split("killcord: fire ", 1)[1]
-    check_wiped(result)
+    check_wiped(result, image)

@@ -1,9 +1,10 @@
 """The sanitizing path in real QEMU guests (TCG): killcord's .deb installed into a fresh
-bookworm system; its initramfs wipes and powers off in wipe mode; the poweroff fallback
+system of each suite; its initramfs wipes and powers off in wipe mode; the poweroff fallback
 is the daemon's own: it releases device-mapper, frees the RAM file systems, wipes free
 memory and powers off.
 
-Each test writes what it measured to out/vm/<test>.json and the console to out/vm/<test>.log.
+Each test writes what it measured to out/vm/<suite>/<test>.json and the console to
+out/vm/<suite>/<test>.log.
 """
 
 from __future__ import annotations
@@ -17,10 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from .image import ROOT, Image
+from .image import Image
 from .qemu import Guest
-
-OUT = ROOT / "out" / "vm"
 
 pytestmark = [
     pytest.mark.vm,
@@ -28,8 +27,8 @@ pytestmark = [
 ]
 
 
-def record(name: str, data: dict) -> None:
-    (OUT / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+def record(image: Image, name: str, data: dict) -> None:
+    (image.out / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
 
 
 def test_package_puts_the_hook_in_the_initramfs_and_goes_live(image: Image) -> None:
@@ -45,7 +44,7 @@ def test_package_puts_the_hook_in_the_initramfs_and_goes_live(image: Image) -> N
 def test_wipe_mode_wipes_reports_and_powers_off(image: Image) -> None:
     append = "console=ttyS0 quiet killcord.wipe=1 init_on_free=1"
     with Guest(["-kernel", str(image.vmlinux), "-initrd", str(image.initrd), "-append", append],
-               memory_mib=1024, log=OUT / "wipe-mode.log") as g:
+               memory_mib=1024, log=image.out / "wipe-mode.log") as g:
         _, start = g.wait_for(r"killcord-wipe: start: (\d+) MiB free of (\d+) MiB, reserve (\d+) MiB", 180)
         _, done = g.wait_for(r"killcord-wipe: wiped \d+ MiB", 180)
         g.wait_for(r"killcord: wipe finished \(exit 0\), poweroff now", 60)
@@ -58,7 +57,7 @@ def test_wipe_mode_wipes_reports_and_powers_off(image: Image) -> None:
     assert sample == "yes"
     assert wiped >= free - reserve - 64  # all free memory but the reserve (one chunk of slack)
     assert method == "fallocate"  # the target runs with init_on_alloc=1: the kernel zeroes each page
-    record("wipe-mode", {"guest_mib": total, "free_mib": free, "reserve_mib": reserve, "wiped_mib": wiped,
+    record(image, "wipe-mode", {"guest_mib": total, "free_mib": free, "reserve_mib": reserve, "wiped_mib": wiped,
                          "method": method, "seconds": seconds, "mib_per_s": rate, "powered_off": rc == 0})
 
 
@@ -71,7 +70,7 @@ def test_fallback_without_kexec_frees_wipes_and_powers_off_from_the_daemon(image
               "sysctl.kernel.kexec_load_disabled=1 systemd.show_status=0")
     with Guest(["-kernel", str(image.vmlinux), "-initrd", str(image.initrd), "-append", append,
                 "-drive", f"file={overlay},format=qcow2,if=virtio"],
-               memory_mib=1024, cpus=2, log=OUT / "fallback.log") as g:
+               memory_mib=1024, cpus=2, log=image.out / "fallback.log") as g:
         i, armed = g.wait_for(r"killcord-ci: armed", 400)
         assert '"loaded": false' in armed.text  # nothing staged
         i, _ = g.wait_for(r"killcord-ci: dm-crypt open: .*ci-secret", 60, i)
@@ -86,7 +85,7 @@ def test_fallback_without_kexec_frees_wipes_and_powers_off_from_the_daemon(image
     # the dm-crypt mapping's table was replaced: its key is zeroed by the crypt target's destructor
     assert "'name': 'ci-secret', 'targets': ('crypt',), 'ok': True" in done.text, done.text
     assert "stage=sysrq" not in console
-    record("fallback", {
+    record(image, "fallback", {
         "kexec_staged": False,
         "fallback": done.text.split("killcord: poweroff ", 1)[1],
         "fire_to_fallback_done_s": round(done.at - fire.at, 2),
@@ -104,7 +103,7 @@ def test_panic_kexecs_into_the_wipe_kernel(image: Image, tmp_path: Path) -> None
     append = "root=/dev/vda rw console=ttyS0 init_on_free=1 killcord_ci=panic systemd.show_status=0 mem=900M"
     with Guest(["-kernel", str(image.vmlinux), "-initrd", str(image.initrd), "-append", append,
                 "-drive", f"file={overlay},format=qcow2,if=virtio"],
-               memory_mib=1024, cpus=2, log=OUT / "kexec.log") as g:
+               memory_mib=1024, cpus=2, log=image.out / "kexec.log") as g:
         i, armed = g.wait_for(r"killcord-ci: armed", 400)
         assert '"loaded": true' in armed.text  # staged at arm time
         i, fire = g.wait_for(r"killcord: fire ", 60, i)
@@ -120,7 +119,7 @@ def test_panic_kexecs_into_the_wipe_kernel(image: Image, tmp_path: Path) -> None
     target = cmdline.text.split("Command line: ", 1)[1].split()
     assert target[-2:] == ["init_on_free=1", "killcord.wipe=1"]  # ours last
     assert not any(t.startswith("mem=") for t in target)  # sanitized: mem= would keep RAM unwiped
-    record("kexec", {
+    record(image, "kexec", {
         "fire_to_kexec_ms": round((jump.at - fire.at) * 1000, 1),
         "fire_to_wiped_s": round(wiped.at - fire.at, 2),
         "target_cmdline": " ".join(target),
