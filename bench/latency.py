@@ -2,7 +2,7 @@
 
 For each event, a fresh armed machine; the kernel emits `remove` when we write it to
 the device's sysfs uevent file; we time, with one monotonic clock:
-  event -> received   (netlink wake-up and pyudev parsing, in the watcher)
+  event -> received   (netlink wake-up and the watcher's parsing)
   event -> decision   (the pure machine returns RunStage(kill))
   event -> first action (the kill stage's code starts running, in its worker thread)
 Dry-run: the kill stage only enumerates. Writes JSON (default out/bench/latency.json).

@@ -122,6 +122,13 @@ class Daemon:
         watched = frozenset(self.medium.devpaths if self.medium else ()) | frozenset(
             self.cord.devpaths if self.cord else ())
         media = self.medium.media_watched if self.medium else frozenset()
+        # The kernel now queues only what can fire (every `remove`, a media-watched disk's
+        # `change`): a storm of other uevents never fills the buffer. A `remove` lost anyway
+        # is still caught by the sysfs re-check on ENOBUFS.
+        try:
+            self.watcher.set_filter(media)
+        except (ValueError, OSError) as exc:  # past refusing to arm: unfiltered, as before
+            logger.warning("uevent_filter_not_set", error=str(exc))
         self.machine.feed(Armed(watched, media))
         logger.info("armed", medium=self.medium.device if self.medium else None,
                     watched=len(watched), kexec_loaded=self.staged.loaded, note=self.medium_note)
