@@ -9,7 +9,7 @@ must never reach the host. If this process exits for any reason, the kernel SIGK
 everything left in the namespace, so a failed run cannot leak victims onto the host.
 
 Prints one JSON object, what the driver knows on its own (not from killcord) beside the report:
-    "report":    kill_all's report;
+    "report":    kill_all's report (KILLCORD_TEST_KILL_WAIT=0: kill_all(wait=False));
     "victims":   pids of the victims that said they were running before the kill began (each
                  victim writes its own pid to a pipe);
     "late":      pids of victims that said so after the kill began (a growing tree);
@@ -45,6 +45,7 @@ if importlib.util.find_spec("killcord") is None:  # PYTHONPATH, when set, says w
 from killcord.kill import kill_all  # noqa: E402  (imported before firing, like the daemon)
 
 HOST_NS_ENV = "KILLCORD_TEST_HOST_PIDNS"
+WAIT_ENV = "KILLCORD_TEST_KILL_WAIT"
 READY_TIMEOUT_S = 20.0
 REPORT_TIMEOUT_S = 15.0
 EMPTY_TIMEOUT_S = 5.0
@@ -337,7 +338,8 @@ def _reap_forever(reaped: list[tuple[int, int]], empty: threading.Event) -> None
 def _killcord(out: int) -> None:
     """The forked 'killcord' process: fire, send the report to PID 1."""
     try:
-        payload: dict[str, object] = kill_all(time.monotonic() + 5, live=True).as_dict()
+        wait = os.environ.get(WAIT_ENV, "1") != "0"  # 0: as on the kexec path, no wait for exits
+        payload: dict[str, object] = kill_all(time.monotonic() + 5, live=True, wait=wait).as_dict()
     except BaseException as exc:  # report, do not hide
         payload = {"error": repr(exc)}
     os.write(out, json.dumps(payload).encode())

@@ -81,6 +81,34 @@ def test_read_snapshot_returns_raw_bytes(tmp_path: Path) -> None:
     assert audit.read_snapshot(p) == FIXTURE.encode()
 
 
+def test_a_snapshot_descriptor_opened_at_arm_reads_the_whole_file_each_time(tmp_path: Path) -> None:
+    """The audit stage reads through a descriptor opened at arm time: the file may be gone
+    from its path by then, and every read starts from the beginning."""
+    p = tmp_path / "slabinfo"
+    p.write_text(FIXTURE * 200)  # more than one 64 KiB read
+    fd = audit.open_snapshot(p)
+    assert fd is not None
+    try:
+        p.unlink()
+        assert audit.read_snapshot(p, fd=fd) == (FIXTURE * 200).encode()
+        assert audit.read_snapshot(p, fd=fd) == (FIXTURE * 200).encode()
+    finally:
+        os.close(fd)
+    assert audit.open_snapshot(tmp_path / "nope") is None
+
+
+@pytest.mark.skipif(not audit.SLABINFO.exists() or os.geteuid() != 0, reason="needs /proc/slabinfo and root")
+def test_the_real_slabinfo_through_a_descriptor_twice() -> None:
+    fd = audit.open_snapshot()
+    assert fd is not None
+    try:
+        first, second = audit.read_snapshot(fd=fd), audit.read_snapshot(fd=fd)
+    finally:
+        os.close(fd)
+    assert audit.parse(first.decode()) and audit.parse(second.decode())
+    assert first.count(b"\n") == second.count(b"\n")
+
+
 def test_duplicate_names_are_kept_apart() -> None:
     parsed = audit.parse(slabinfo(("dup", 1, 1, 8), ("dup", 2, 2, 16), ("dup", 3, 3, 32)))
     assert list(parsed) == ["dup", "dup#2", "dup#3"]

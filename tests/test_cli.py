@@ -111,7 +111,7 @@ def test_panic_without_daemon_fires_here_dry(ramdir: Path) -> None:
         sentinel.wait()
     assert "firing here (dry-run)" in proc.stderr
     stages = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{") and '"stage"' in line]
-    assert [s["stage"] for s in stages][:2] == ["kill", "audit"]
+    assert [s["stage"] for s in stages][:3] == ["kill", "keys", "audit"]
     assert proc.returncode == 0  # the dry poweroff "succeeds"
     assert list((ramdir / "records").glob("audit-*.json"))
 

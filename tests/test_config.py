@@ -78,7 +78,7 @@ def test_partial_deadlines_merge_with_defaults(tmp_path: Path) -> None:
     ('kexec_append = "rdinit=/bin/sh"\n', ["kexec_append", "rdinit", "initramfs"]),
     ('panic_group = "no-such-group-xyz"\n', ["panic_group", "no-such-group-xyz", "does not exist"]),
     ('cord = "046d:c52b"\n', ["cord", "046d:c52b", "VID:PID"]),
-    ("[stage_deadlines_ms]\nkil = 100\n", ["stage_deadlines_ms", "'kil'", "kill, audit, kexec, poweroff, sysrq"]),
+    ("[stage_deadlines_ms]\nkil = 100\n", ["stage_deadlines_ms", "'kil'", "kill, keys, audit, kexec, poweroff, sysrq"]),
     ("[stage_deadlines_ms]\nkill = 0\n", ["stage_deadlines_ms", "kill = 0", "1 to 120000"]),
     ('[stage_deadlines_ms]\nkill = "fast"\n', ["kill = 'fast'"]),
     ('moed = "live"\n', ["moed", "unknown setting", "mode"]),

@@ -64,7 +64,7 @@ def root_panic_fires(env: dict[str, str]) -> dict:
     assert time.monotonic() - started < 10
     fired = wait_for(env, "fired")
     assert fired["trigger"].startswith("panic uid=0")
-    assert [(s["name"], s["outcome"]) for s in fired["stages"]][:2] == [("kill", "dry"), ("audit", "done")]
+    assert [(s["name"], s["outcome"]) for s in fired["stages"]][:3] == [("kill", "dry"), ("keys", "dry"), ("audit", "done")]
     assert fired["stages"][0]["detail"]["targets"] >= 1  # /proc was readable
     return fired
 
@@ -237,7 +237,7 @@ def test_2000_idle_connections_do_not_blind_a_removal(loopdev, env, start_daemon
     assert _holding(idle) > UNIT_NOFILE[0]  # more than the daemon's file limit
     send_uevent(dev, "remove")
     fired = wait_for(env, "fired")
-    kill, audit = fired["stages"][:2]
+    kill, _, audit = fired["stages"][:3]
     assert kill["outcome"] == "dry" and kill["detail"]["targets"] >= 1  # /proc was readable
     assert audit["outcome"] == "done" and Path(audit["detail"]["record"]).is_file()
 

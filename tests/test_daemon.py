@@ -127,12 +127,12 @@ def test_unplug_fires_kill_audit_kexec_in_order(loopdev, env, start_daemon, sent
     fired = wait_for(env, "fired")
     assert fired["trigger"] == f"uevent remove /devices/virtual/block/{Path(dev).name}"
     stages = fired["stages"]
-    assert [s["name"] for s in stages] == ["kill", "audit", "kexec"]
-    assert [s["outcome"] for s in stages] == ["dry", "done", "dry"]
+    assert [s["name"] for s in stages] == ["kill", "keys", "audit", "kexec"]
+    assert [s["outcome"] for s in stages] == ["dry", "dry", "done", "dry"]
     assert all(s["duration_ms"] >= 0 for s in stages)
     assert stages[0]["detail"]["targets"] >= 1  # it found processes it would kill...
     assert sentinel.poll() is None  # ...and, dry, killed none of them
-    record = json.loads(Path(stages[1]["detail"]["record"]).read_text())
+    record = json.loads(Path(stages[2]["detail"]["record"]).read_text())
     assert record["trigger"] == fired["trigger"] and record["stages"][0]["name"] == "kill"
     assert (ramdir / "records" / record["snapshot"]).read_text().startswith("slabinfo - version:")
 
@@ -147,7 +147,7 @@ def test_without_a_kexec_image_the_poweroff_fallback_is_next(loopdev, env, start
     if armed["kexec"]["loaded"]:  # a machine with this kernel's image in /boot
         assert names[-1] == ("kexec", "dry")
     else:
-        assert names == [("kill", "dry"), ("audit", "done"), ("kexec", "skipped"), ("poweroff", "dry")]
+        assert names == [("kill", "dry"), ("keys", "dry"), ("audit", "done"), ("kexec", "skipped"), ("poweroff", "dry")]
 
 
 def test_unrelated_events_and_rereads_never_fire(loopdev, env, start_daemon) -> None:
@@ -266,7 +266,7 @@ def test_lost_remove_in_an_event_storm_still_fires(loopdev, ramdir: Path) -> Non
     d.on_uevents()
     assert d.machine.trigger is not None
     assert d.machine.trigger.startswith("medium absent (enobufs")
-    assert [r.stage.value for r in d.machine.results][:2] == ["kill", "audit"]
+    assert [r.stage.value for r in d.machine.results][:3] == ["kill", "keys", "audit"]
 
 
 def test_recheck_after_resume_fires_only_when_the_medium_is_gone(loopdev, env, start_daemon) -> None:
@@ -407,7 +407,7 @@ def test_records_are_roots_alone_and_the_socket_stays_reachable(loopdev, env, st
     ok = run_cli(env, "panic", user=65534, groups="100")  # panic_group reaches the socket
     assert ok.returncode == 0, ok.stderr
     fired = wait_for(env, "fired")
-    record = Path(fired["stages"][1]["detail"]["record"])
+    record = Path(next(s for s in fired["stages"] if s["name"] == "audit")["detail"]["record"])
     records = ramdir / "records"
     assert record.parent == records and record.is_file()
     assert stat.S_IMODE(records.stat().st_mode) == 0o700 and records.stat().st_uid == 0

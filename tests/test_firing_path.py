@@ -38,7 +38,7 @@ def test_dry_run_stages_and_state(ramdir: Path) -> None:
     f.drive(m.feed(Panic(0, 1)))
     assert m.state is State.FIRED
     assert [(r.stage, r.outcome) for r in m.results] == [
-        (Stage.KILL, Outcome.DRY), (Stage.AUDIT, Outcome.DONE), (Stage.KEXEC, Outcome.DRY)]
+        (Stage.KILL, Outcome.DRY), (Stage.KEYS, Outcome.DRY), (Stage.AUDIT, Outcome.DONE), (Stage.KEXEC, Outcome.DRY)]
 
 
 def test_a_raising_stage_fails_and_the_next_runs(ramdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -49,9 +49,9 @@ def test_a_raising_stage_fails_and_the_next_runs(ramdir: Path, monkeypatch: pyte
 
     monkeypatch.setitem(f._stages, Stage.AUDIT, broken)
     f.drive(m.feed(Panic(0, 1)))
-    audit = m.results[1]
+    audit = m.results[2]
     assert audit.outcome is Outcome.FAILED and "slabinfo exploded" in str(audit.detail["error"])
-    assert m.results[2].stage is Stage.KEXEC
+    assert m.results[3].stage is Stage.KEXEC
 
 
 def test_a_hanging_stage_times_out_at_its_deadline(ramdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,12 +67,13 @@ def test_missing_slabinfo_is_logged_not_fatal(ramdir: Path, monkeypatch: pytest.
     from killcord import audit
 
     monkeypatch.setattr(audit, "SLABINFO", Path("/proc/no-slabinfo"))
-    monkeypatch.setattr(audit.read_snapshot, "__defaults__", (Path("/proc/no-slabinfo"),))
+    monkeypatch.setattr(audit.read_snapshot, "__defaults__", (Path("/proc/no-slabinfo"), None))
+    monkeypatch.setattr(audit.open_snapshot, "__defaults__", (Path("/proc/no-slabinfo"),))  # at arm: None
     m, f = firer(ramdir)
     f.drive(m.feed(Panic(0, 1)))
-    assert m.results[1].outcome is Outcome.FAILED
-    assert Path(str(m.results[1].detail["record"])).exists()  # the event record is still kept
-    assert m.results[2].stage is Stage.KEXEC
+    assert m.results[2].outcome is Outcome.FAILED
+    assert Path(str(m.results[2].detail["record"])).exists()  # the event record is still kept
+    assert m.results[3].stage is Stage.KEXEC
 
 
 def test_the_fallback_imports_nothing_and_says_what_it_would_free(ramdir: Path) -> None:

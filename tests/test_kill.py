@@ -438,6 +438,25 @@ def test_proc_unreadable_failed() -> None:
     assert world.sent == [(-1, signal.SIGSTOP), (-1, signal.SIGKILL)]
 
 
+def test_live_without_wait_stops_kills_and_returns() -> None:
+    """The kexec path: the two broadcasts and the report's snapshot, then back at once."""
+    world = FakeWorld([[10, 11, 12], [11], []])
+    report = kill._run(time.monotonic() + 5, True, world.send, world.scan, wait=False)
+    assert world.sent == [(-1, signal.SIGSTOP), (-1, signal.SIGKILL)]
+    assert world.scans == [[11], []]  # one scan: nothing was waited for
+    assert report.outcome is Outcome.DONE and report.waited is False
+    assert (report.targets, report.killed, report.remaining, report.rounds) == (3, 0, (), 1)
+
+
+def test_sweep_from_its_own_first_scan_kills_what_is_left() -> None:
+    """What kill.finish runs after an unwaited kill: the first scan is the target set."""
+    world = FakeWorld([[11, 12], [12], []])
+    report = kill._sweep(time.monotonic() + 5, world.send, world.scan, time.monotonic, time.monotonic(), None, 0)
+    assert world.sent == [(11, signal.SIGKILL), (12, signal.SIGKILL), (12, signal.SIGKILL)]
+    assert report.outcome is Outcome.DONE
+    assert (report.targets, report.killed, report.remaining, report.rounds) == (2, 2, (), 2)
+
+
 def test_dry_run_loop_sends_nothing() -> None:
     world = FakeWorld([[5, 6]])
     report = kill._run(time.monotonic() + 5, False, world.send, world.scan)
@@ -449,10 +468,11 @@ def test_dry_run_loop_sends_nothing() -> None:
 # ---- live kills, inside a PID namespace only ----
 
 
-def _run_driver(scenario: str) -> dict[str, object]:
+def _run_driver(scenario: str, wait: bool = True) -> dict[str, object]:
+    env = {**_driver_env(), "KILLCORD_TEST_KILL_WAIT": "1" if wait else "0"}
     proc = subprocess.run(
         _unshare(sys.executable, str(DRIVER), scenario),
-        env=_driver_env(), capture_output=True, text=True, timeout=60, cwd=REPO,
+        env=env, capture_output=True, text=True, timeout=60, cwd=REPO,
     )
     assert proc.returncode == 0, f"driver failed ({proc.returncode}): {proc.stdout}{proc.stderr}"
     lines = proc.stdout.strip().splitlines()
@@ -465,6 +485,7 @@ def _run_driver(scenario: str) -> dict[str, object]:
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_live_kill_in_pid_namespace(scenario: str) -> None:
     out = _run_driver(scenario)
+    assert out["report"]["waited"] is True, out  # type: ignore[index]
     report = out["report"]
     assert isinstance(report, dict) and "error" not in report, out
     reaped: dict[int, int] = {pid: code for pid, code in out["reaped"]}  # type: ignore[union-attr]
@@ -499,6 +520,27 @@ def test_live_kill_in_pid_namespace(scenario: str) -> None:
     else:
         assert report["targets"] <= MAX_LIVE[scenario], out
         assert len(sigkilled) <= MAX_LIVE[scenario], out
+
+
+@needs_pidns
+@pytest.mark.root
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_live_kill_without_waiting_still_leaves_nothing(scenario: str) -> None:
+    """kill_all(wait=False), as on the kexec path: it returns after the two broadcasts, and
+    still every victim dies of SIGKILL and none forks away (this PID 1 waits for the
+    namespace to empty, not killcord)."""
+    out = _run_driver(scenario, wait=False)
+    report = out["report"]
+    assert isinstance(report, dict) and "error" not in report, out
+    reaped: dict[int, int] = {pid: code for pid, code in out["reaped"]}  # type: ignore[union-attr]
+    victims = set(out["victims"]) | set(out["late"])  # type: ignore[arg-type]
+    sigkilled = {pid for pid, code in reaped.items() if code == -signal.SIGKILL}
+    assert out["survivors"] == [] and out["empty"] is True, out
+    assert victims and victims <= sigkilled, {v: reaped.get(v) for v in victims - sigkilled}
+    assert set(out["spawned"]) <= sigkilled  # type: ignore[arg-type]
+    assert reaped[out["killcord"]] == 0, out  # type: ignore[index]
+    assert report["outcome"] == "done" and report["waited"] is False and report["rounds"] == 1, out
+    assert len(out["victims"]) <= report["targets"], out  # type: ignore[arg-type]
 
 
 # ---- the driver's own safety interlock ----

@@ -121,13 +121,14 @@ def test_medium_present_check_does_not_fire() -> None:
 def test_dry_run_sequence_ends_at_kexec() -> None:
     m = armed()
     ran = run_all(m, m.feed(Panic(0, 42)), lambda s: Outcome.DRY)
-    assert ran == [Stage.KILL, Stage.AUDIT, Stage.KEXEC]
+    assert ran == [Stage.KILL, Stage.KEYS, Stage.AUDIT, Stage.KEXEC]
     assert m.state is State.FIRED
 
 
 def test_failed_or_late_stages_hand_over_to_the_next() -> None:
     m = armed()
-    outcomes = {Stage.KILL: Outcome.TIMED_OUT, Stage.AUDIT: Outcome.FAILED, Stage.KEXEC: Outcome.FAILED,
+    outcomes = {Stage.KILL: Outcome.TIMED_OUT, Stage.KEYS: Outcome.FAILED, Stage.AUDIT: Outcome.FAILED,
+                Stage.KEXEC: Outcome.FAILED,
                 Stage.POWEROFF: Outcome.TIMED_OUT, Stage.SYSRQ: Outcome.DONE}
     actions = m.feed(Uevent("remove", DISK))
     ran = run_all(m, actions, outcomes.__getitem__)
@@ -164,7 +165,7 @@ def test_stale_and_foreign_stage_results_are_ignored() -> None:
     assert m.feed(StageEnded(Stage.KEXEC, Outcome.DONE, 1.0)) == []  # not running: ignored
     assert m.state is State.FIRING
     nxt = m.feed(StageEnded(Stage.KILL, Outcome.DONE, 1.0))
-    assert nxt == [RunStage(Stage.AUDIT, DEFAULT_DEADLINES_MS[Stage.AUDIT])]
+    assert nxt == [RunStage(Stage.KEYS, DEFAULT_DEADLINES_MS[Stage.KEYS])]  # keys first, then the audit
     assert m.feed(StageEnded(Stage.KILL, Outcome.DONE, 1.0)) == []  # a stage never runs twice
 
 

@@ -45,3 +45,14 @@ def release_all() -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+def read_all(fd: int) -> bytes:
+    """The whole file behind `fd`, from its start, whatever was read before (pread: a
+    /proc seq_file such as /proc/slabinfo or /proc/keys restarts at offset 0)."""
+    chunks: list[bytes] = []
+    offset = 0
+    while chunk := os.pread(fd, 1 << 16, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)

@@ -8,11 +8,12 @@ snapshot from being written.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from killcord import statedir
+from killcord import arm_fds, statedir
 
 SLABINFO = Path("/proc/slabinfo")
 
@@ -51,9 +52,20 @@ class SlabDelta:
     after_objs: int
 
 
-def read_snapshot(path: Path = SLABINFO) -> bytes:
-    """The raw file. OSError if absent (no CONFIG_SLUB_DEBUG) or unreadable (not root)."""
-    return path.read_bytes()
+def open_snapshot(path: Path = SLABINFO) -> int | None:
+    """At arm time: a descriptor to read snapshots from at fire time (no path lookup then),
+    or None if the file cannot be opened (the audit stage then says why)."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def read_snapshot(path: Path = SLABINFO, fd: int | None = None) -> bytes:
+    """The raw file, read through `fd` (from open_snapshot) when given, from its start each
+    time (a seq_file restarts at offset 0). OSError if absent (no CONFIG_SLUB_DEBUG) or
+    unreadable (not root)."""
+    return path.read_bytes() if fd is None else arm_fds.read_all(fd)
 
 
 # ---- parsing ----

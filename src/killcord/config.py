@@ -27,6 +27,7 @@ DEFAULT_PATH = Path("/etc/killcord/killcord.toml")
 
 DEFAULT_DEADLINES_MS: dict[Stage, int] = {
     Stage.KILL: 1000,  # a fork storm takes a few sweeps
+    Stage.KEYS: 500,  # a suspend waits for in-flight I/O
     Stage.AUDIT: 500,
     Stage.KEXEC: 2000,  # reboot(2) does not return on success
     Stage.POWEROFF: 10000,  # systemd-shutdown returning into the initramfs hook

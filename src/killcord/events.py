@@ -20,6 +20,7 @@ class Stage(StrEnum):
     """The firing path, in order. Nothing else decides the order (see machine.py)."""
 
     KILL = "kill"
+    KEYS = "keys"  # dm-crypt volume keys wiped, right after the kill, before anything slower
     AUDIT = "audit"
     KEXEC = "kexec"
     POWEROFF = "poweroff"

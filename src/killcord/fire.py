@@ -9,11 +9,12 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import structlog
 
-from killcord import audit, fallback, kexec, kill
+from killcord import audit, dm, fallback, kexec, keyring, kill
 from killcord.events import Action, Finished, Outcome, RunStage, Stage, StageEnded
 from killcord.machine import Machine
 
@@ -43,8 +44,13 @@ class Firer:
         self._sysrq_fd = _open_or_none(SYSRQ_TRIGGER) if live else None
         self._printk_fd = _open_or_none(PRINTK) if live else None
         self._fallback = fallback.Handles.open(live)
+        self._slabinfo_fd = audit.open_snapshot()
+        self._keys_fd = keyring.open_list()
+        self._kill_began = 0  # boot_ticks() when the kill stage began
+        self._kill_waited = True  # whether it waited for its targets' exits
         self._stages: dict[Stage, StageFn] = {
             Stage.KILL: self.kill,
+            Stage.KEYS: self.keys,
             Stage.AUDIT: self.audit,
             Stage.KEXEC: self.kexec,
             Stage.POWEROFF: self.poweroff,
@@ -88,8 +94,31 @@ class Firer:
     # ---- the stages ----
 
     def kill(self, deadline: float) -> tuple[Outcome, dict[str, object]]:
-        report = kill.kill_all(deadline, self.live)
+        # With an image staged, the kexec target clears what the dying still hold: signal
+        # everyone and go on without waiting for their exits. If the jump fails, the
+        # poweroff stage waits for them first (kill.finish).
+        self._kill_began = kill.boot_ticks()
+        self._kill_waited = not (self.live and self.staged.loaded)
+        report = kill.kill_all(deadline, self.live, wait=self._kill_waited, began=self._kill_began)
         return report.outcome, report.as_dict()
+
+    def keys(self, deadline: float) -> tuple[Outcome, dict[str, object]]:
+        # Keys first: nothing on the way to the jump is slower than this, and a volume key is
+        # what a cold-boot attacker wants most. From this process, through ioctls and
+        # keyctl(2): no exec.
+        if not self.live:
+            found = keyring.drop_cryptsetup_keys(self._keys_fd, live=False)
+            return Outcome.DRY, {"would": "suspend each dm-crypt mapping (no flush) and send it 'key wipe'; "
+                                          "invalidate cryptsetup's keys in the kernel keyring",
+                                 "keyring": list(found.found)}
+        wiped = dm.wipe_crypt_keys(self._fallback.dm_control, deadline - time.monotonic())
+        dropped = keyring.drop_cryptsetup_keys(self._keys_fd, live=True)
+        detail: dict[str, object] = {"wiped": [asdict(w) for w in wiped], "keyring": asdict(dropped)}
+        if not wiped and not dropped.found:
+            detail["reason"] = "no dm-crypt mapping" if self._fallback.dm_control is not None else "no device-mapper"
+            return Outcome.SKIPPED, detail
+        ok = all(w.ok for w in wiped) and not dropped.errors
+        return (Outcome.DONE if ok else Outcome.FAILED), detail
 
     def audit(self, deadline: float) -> tuple[Outcome, dict[str, object]]:
         meta: dict[str, object] = {
@@ -99,7 +128,7 @@ class Firer:
                        for r in self.machine.results],
         }
         try:
-            snapshot = audit.read_snapshot()
+            snapshot = audit.read_snapshot(fd=self._slabinfo_fd)
         except OSError as exc:
             # absent (no CONFIG_SLUB_DEBUG) or unreadable: the event record is still kept
             meta["slabinfo_error"] = f"{exc.strerror or exc}"
@@ -117,16 +146,26 @@ class Firer:
         return kexec.execute(self.staged, self.live)
 
     def poweroff(self, deadline: float) -> tuple[Outcome, dict[str, object]]:
+        # The wipe claims only what is free: the processes the kill stage did not wait for
+        # must be gone first (bounded by the kill stage's own deadline).
+        reaped = None
+        if not self._kill_waited:
+            wait_s = self.machine.deadlines_ms[Stage.KILL] / 1000
+            reaped = kill.finish(min(deadline - POWEROFF_MARGIN_S, time.monotonic() + wait_s),
+                                 self.live, self._kill_began).as_dict()
         # Frees, wipes and powers off from this process, which is already in RAM: see
         # fallback.py for why PID 1's systemd-shutdown is not trusted with it.
         wiped, detail = fallback.run(self._fallback, deadline - POWEROFF_MARGIN_S, self.live)
+        if reaped is not None:
+            detail["reaped"] = reaped
         if not self.live:
             return Outcome.DRY, detail
         scrubbed = detail["scrubbed"]
         assert isinstance(scrubbed, dict)
         # the last word before the machine goes: what was freed and wiped, on the console
         log.critical("poweroff", wiped_ok=wiped, files_freed=scrubbed["files"],
-                     mounts=len(scrubbed["mounts"]), wiped=detail.get("wiped"), dm=detail.get("dm"))
+                     mounts=len(scrubbed["mounts"]), wiped=detail.get("wiped"), dm=detail.get("dm"),
+                     reaped=detail.get("reaped"))
         detail["error"] = fallback.power_off()
         return Outcome.FAILED, detail
 

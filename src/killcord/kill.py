@@ -5,6 +5,12 @@ also delivers a kill(-1) signal to children forked concurrently), snapshot the f
 for the report, SIGKILL everyone, then rescan /proc and SIGKILL stragglers one by one until
 nothing is left or the deadline passes.
 
+Without waiting (wait=False, the kexec path): the two broadcasts and the snapshot only. Every
+process then holds a pending SIGKILL and runs no more user code; waiting for their exits
+(which zero their memory under init_on_free) would only delay the jump, and the kexec
+target clears all RAM anyway. If the jump fails, the fallback first calls finish(), which
+waits for them, so that their memory is free before it wipes.
+
 Everything this module needs is imported here: the firing path must never import.
 /proc is read by hand rather than through psutil: psutil does not expose the PF_KTHREAD flag
 (the only reliable kernel-thread test) and its per-process objects are too slow for this
@@ -173,10 +179,11 @@ def targets(own_pid: int | None = None) -> list[int]:
 class KillReport:
     outcome: Outcome  # DONE (live, nothing left), DRY, TIMED_OUT (some left), FAILED
     targets: int  # processes found to kill at the start
-    killed: int  # of those, gone (or zombie) at the end (live); 0 in dry-run
+    killed: int  # of those, seen gone (or zombie) at the end (live); 0 in dry-run or unwaited
     remaining: tuple[int, ...]  # pids still alive at the end (dry-run: all targets)
     rounds: int  # SIGKILL sweeps made (the kill(-1) counts as the first)
     duration_ms: float
+    waited: bool = True  # False: signalled, not waited for (their exits were not watched)
 
     def as_dict(self) -> dict[str, object]:
         d: dict[str, object] = {
@@ -186,6 +193,7 @@ class KillReport:
             "remaining": list(self.remaining),
             "rounds": self.rounds,
             "duration_ms": round(self.duration_ms, 3),
+            "waited": self.waited,
         }
         if self.outcome is not Outcome.DRY and self.remaining:
             d["stuck"] = describe(self.remaining)
@@ -222,21 +230,16 @@ def _run(
     send: Callable[[int, int], None],
     scan: Callable[[], Iterable[int]],
     clock: Callable[[], float] = time.monotonic,
+    wait: bool = True,
 ) -> KillReport:
     """kill_all with its effects injected (tests drive it with fakes; never a real -1)."""
     start = clock()
-
-    def report(outcome: Outcome, first: set[int], left: list[int], rounds: int) -> KillReport:
-        killed = 0 if not live else len(first.difference(left))
-        ms = (clock() - start) * 1000
-        return KillReport(outcome, len(first), killed, tuple(left), rounds, ms)
-
     if not live:
         try:
             found = list(scan())
         except OSError:
-            return report(Outcome.FAILED, set(), [], 0)
-        return report(Outcome.DRY, set(found), found, 0)
+            return KillReport(Outcome.FAILED, 0, 0, (), 0, (clock() - start) * 1000)
+        return KillReport(Outcome.DRY, len(found), 0, tuple(found), 0, (clock() - start) * 1000)
 
     _broadcast(send, signal.SIGSTOP)
     # Everyone is stopped now, so this snapshot is stable; it only feeds the report, and a
@@ -247,17 +250,40 @@ def _run(
         first = set()
     # If this is refused (EPERM), the per-pid sweeps below are refused too and say FAILED.
     _broadcast(send, signal.SIGKILL)
-    rounds = 1
+    if not wait:
+        return KillReport(Outcome.DONE, len(first), 0, (), 1, (clock() - start) * 1000, waited=False)
+    return _sweep(deadline, send, scan, clock, start, first)
+
+
+def _sweep(
+    deadline: float,
+    send: Callable[[int, int], None],
+    scan: Callable[[], Iterable[int]],
+    clock: Callable[[], float],
+    start: float,
+    first: set[int] | None,
+    rounds: int = 1,
+) -> KillReport:
+    """Rescan and SIGKILL stragglers one by one until none is left or the deadline passes.
+    first: the targets found at the start (None: this sweep's first scan is the start)."""
+
+    def report(outcome: Outcome, left: list[int]) -> KillReport:
+        found = first if first is not None else set(left)
+        return KillReport(outcome, len(found), len(found.difference(left)), tuple(left), rounds,
+                          (clock() - start) * 1000)
+
     left: list[int] = []
     while True:
         try:
             left = list(scan())
         except OSError:  # /proc unreadable: we cannot see what is left
-            return report(Outcome.FAILED, first, left, rounds)
+            return report(Outcome.FAILED, left)
+        if first is None:
+            first = set(left)
         if not left:
-            return report(Outcome.DONE, first, left, rounds)
+            return report(Outcome.DONE, left)
         if clock() >= deadline:
-            return report(Outcome.TIMED_OUT, first, left, rounds)
+            return report(Outcome.TIMED_OUT, left)
         denied = 0
         for pid in left:
             try:
@@ -268,7 +294,7 @@ def _run(
                 denied += 1
         rounds += 1
         if denied == len(left):  # retrying cannot help: every straggler refuses us
-            return report(Outcome.FAILED, first, left, rounds)
+            return report(Outcome.FAILED, left)
         time.sleep(min(_SWEEP_PAUSE_MAX_S, _SWEEP_PAUSE_S * 2 ** (rounds - 2)))
 
 
@@ -277,9 +303,25 @@ def boot_ticks() -> int:
     return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLK_TCK)
 
 
-def kill_all(deadline: float, live: bool) -> KillReport:
-    """deadline is a time.monotonic() value."""
+def _targets_at(ticks: int) -> Callable[[], list[int]]:
+    """The scan of a kill that began at boot_ticks() == ticks. One tick of margin: what is
+    born while the broadcasts run is still a target; services PID 1 restarts later are not."""
     own = os.getpid()
-    # one tick of margin: what is born while the broadcasts run is still a target
-    respawn_after = boot_ticks() + 1
-    return _run(deadline, live, os.kill, lambda: _scan(own, respawn_after))
+    return lambda: _scan(own, ticks + 1)
+
+
+def kill_all(deadline: float, live: bool, wait: bool = True, began: int | None = None) -> KillReport:
+    """deadline is a time.monotonic() value. wait=False: signal everyone, do not wait for
+    their exits (see the module's docstring); finish() waits later if it must. began: the
+    boot_ticks() at which the caller started the kill (default: now)."""
+    scan = _targets_at(boot_ticks() if began is None else began)
+    return _run(deadline, live, os.kill, scan, wait=wait)
+
+
+def finish(deadline: float, live: bool, began: int) -> KillReport:
+    """After kill_all(wait=False, began=began): SIGKILL again and wait for what is still alive
+    of that kill's targets, until none is left or the deadline passes."""
+    scan = _targets_at(began)
+    if not live:
+        return _run(deadline, False, os.kill, scan)
+    return _sweep(deadline, os.kill, scan, time.monotonic, time.monotonic(), None, rounds=0)

@@ -229,13 +229,18 @@ class Guest:
     def count_in_memory(self, pattern: bytes) -> int:
         """Dump guest RAM (QMP dump-guest-memory, to RAM on the host) and count every
         occurrence of the pattern (occurrences, not lines)."""
+        return self.counts_in_memory(pattern)[0]
+
+    def counts_in_memory(self, *patterns: bytes) -> list[int]:
+        """One dump, every occurrence of each pattern counted."""
         fd, name = tempfile.mkstemp(prefix="killcord-dump-", dir="/dev/shm")
         os.close(fd)  # an fd left open would keep the unlinked dump in RAM until the run ends
         path = Path(name)
         try:
             self.qmp("dump-guest-memory", paging=False, protocol=f"file:{path}")
             with open(path, "rb") as f:
-                return f.read().count(pattern)
+                data = f.read()
+            return [data.count(p) for p in patterns]
         finally:
             path.unlink(missing_ok=True)
 

@@ -192,6 +192,34 @@ def test_l_a_process_in_uninterruptible_sleep_cannot_hold_its_memory(image: Imag
     check_wiped(result, image)
 
 
+def test_n_the_jump_fails_the_fallback_waits_for_the_killed_then_wipes(image: Image) -> None:
+    """An image staged at arm time that is gone at the trigger (unloaded behind killcord's
+    back): the kill stage did not wait for its targets (a kexec was expected), the jump
+    fails, and the poweroff stage first waits for the killed processes to exit (kill.finish),
+    so that their memory is free when the fallback wipes."""
+    result, pattern = live.Result("n-jump-fails"), live.new_pattern()
+    with live.boot(image, image.out / "n-jump-fails.log") as g:
+        status = live.wait_armed(g)
+        assert status["kexec"]["loaded"], status["kexec"]
+        fill_and_control(g, result, pattern)
+        g.run("kexec -u && test \"$(cat /sys/kernel/kexec_loaded)\" = 0")
+        console = unplug_and_measure(g, result, pattern)
+    lines = console.splitlines()
+    kill_line = next((line for line in lines if "killcord: stage stage=kill " in line), "")
+    kexec_line = next((line for line in lines if "killcord: stage stage=kexec " in line), "")
+    done = next((line for line in lines if "killcord: poweroff " in line), "")
+    result.notes.update(kill_stage=kill_line.split("killcord: stage ", 1)[-1][:300],
+                        kexec_stage=kexec_line.split("killcord: stage ", 1)[-1][:200])
+    result.write(image.out)
+    assert "'waited': False" in kill_line, kill_line  # the kill went on without waiting
+    assert "outcome=failed" in kexec_line, kexec_line  # the jump was refused: nothing staged
+    assert "wiped_ok=True" in done, done
+    # kill.finish ran before the wipe and saw every target gone
+    assert "reaped={'outcome': 'done'" in done and "'remaining': []" in done.split("reaped=", 1)[1], done
+    assert "stage=sysrq" not in console
+    check_wiped(result, image)
+
+
 def test_h_other_stick_and_unrelated_events_never_fire(image: Image, tmp_path: Path) -> None:
     extra = live.usb_drive(tmp_path / "other.img", "other", "16M", mkfs="mkfs.ext4")
     result, pattern = live.Result("h-no-false-trigger"), live.new_pattern()
@@ -254,20 +282,12 @@ def test_e_luks_caches_and_volume_key_are_gone(image: Image, tmp_path: Path) -> 
     with live.boot(image, image.out / "e-luks.log", extra_args=extra) as g:
         live.wait_armed(g)
         result.free_bytes_before_fill = live.mem_free_bytes(g)
-        dev = live.device_of_size(g, 64 << 20)
-        g.run(f"printf secret | cryptsetup luksFormat --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 "
-              f"--batch-mode {dev} - && printf secret | cryptsetup open {dev} secret --key-file - && "
-              "mkfs.ext4 -q /dev/mapper/secret && mkdir -p /mnt/secret && mount /dev/mapper/secret /mnt/secret")
+        halves = open_luks(g)
         # read cache: written, flushed, dropped, read back; write cache: written, not flushed
         g.run(write.format("read-cache") + " && sync && echo 3 > /proc/sys/vm/drop_caches && "
               "cat /mnt/secret/read-cache > /dev/null && " + write.format("write-cache"))
-        key = volume_key(g.run(f"printf secret | cryptsetup luksDump --dump-volume-key --batch-mode "
-                               f"--key-file - {dev}")["out"])
-        assert len(key) == 64  # aes-xts-plain64, 512 bits
         result.pattern_bytes_written = 2 * copies * len(pattern)
         control(g, result, pattern)
-        # aes-xts keeps its two 256-bit halves apart (one AES key schedule each): count each
-        halves = (key[:32], key[32:])
         key_before = [g.count_in_memory(h) for h in halves]
         assert min(key_before) >= 1  # the kernel holds the key while the mapping is open
         live.trigger_and_measure(g, result, pattern, live.unplug_stick(g))
@@ -275,6 +295,79 @@ def test_e_luks_caches_and_volume_key_are_gone(image: Image, tmp_path: Path) -> 
     result.notes.update(volume_key_half_copies_before=key_before, volume_key_half_copies_after=key_after)
     check_wiped(result, image)
     assert key_after == [0, 0]
+
+
+def open_luks(g, size: int = 64 << 20) -> tuple[bytes, bytes]:
+    """A LUKS2 volume on the drive of `size` bytes (live.usb_drive), opened as
+    /dev/mapper/secret with ext4 mounted on /mnt/secret; returns its volume key's two
+    halves: aes-xts keeps them apart (one AES key schedule each), so each is counted."""
+    dev = live.device_of_size(g, size)
+    g.run(f"printf secret | cryptsetup luksFormat --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 "
+          f"--batch-mode {dev} - && printf secret | cryptsetup open {dev} secret --key-file - && "
+          "mkfs.ext4 -q /dev/mapper/secret && mkdir -p /mnt/secret && mount /dev/mapper/secret /mnt/secret")
+    key = volume_key(g.run(f"printf secret | cryptsetup luksDump --dump-volume-key --batch-mode "
+                           f"--key-file - {dev}")["out"])
+    assert len(key) == 64  # aes-xts-plain64, 512 bits
+    return key[:32], key[32:]
+
+
+GUEST_TS = re.compile(r"\[\s*(\d+\.\d+)\]")
+
+
+def guest_seconds(line: str) -> float | None:
+    """The guest kernel's own timestamp of a console line ("[   54.652347] ...")."""
+    m = GUEST_TS.search(line)
+    return float(m[1]) if m else None
+
+
+def test_o_keys_are_gone_right_after_the_kill(image: Image, tmp_path: Path) -> None:
+    """Keys first: the guest is stopped (QMP stop) as soon as the console shows the keys
+    stage, and dumped there. The volume key must be gone from RAM at that point while the
+    rest is not wiped yet (the first kernel runs init_on_free=0, so the killed process's
+    128 MiB are still there); then the guest goes on, and the kexec target clears the rest.
+    Times are the guest's own clock, from killcord's detection (its `fire` line) to the line
+    that ends the keys stage: the key is gone by then at the latest."""
+    extra = live.usb_drive(tmp_path / "luks.img", "luks", "64M")
+    result, pattern = live.Result("o-keys-first"), live.new_pattern()
+    with live.boot(image, image.out / "o-keys-first.log", extra_args=extra, append="init_on_free=0") as g:
+        live.wait_armed(g)
+        halves = open_luks(g)
+        fill_and_control(g, result, pattern)
+        key_before = g.counts_in_memory(*halves)
+        assert min(key_before) >= 1
+        t0 = time.monotonic()
+        g.qmp("device_del", id="stick")
+        i, keys_line = g.wait_for(r"killcord: stage stage=keys ", 60)
+        g.qmp("stop")
+        stopped_after_ms = round((time.monotonic() - keys_line.at) * 1000, 1)
+        *key_at_stop, pattern_at_stop = g.counts_in_memory(*halves, pattern)
+        console = g.text()
+        g.qmp("cont")
+        t_off = g.wait_status("shutdown", 300)
+        result.powered_off = True
+        result.pattern_bytes_left = live.pattern_bytes(g, pattern)
+        key_after = g.counts_in_memory(*halves)
+    fire = next(line for line in console.splitlines() if "killcord: fire " in line)
+    kill_line = next(line for line in console.splitlines() if "killcord: stage stage=kill " in line)
+    detect_to_killed = round(1000 * (guest_seconds(kill_line) - guest_seconds(fire)), 1)
+    detect_to_keys_gone = round(1000 * (guest_seconds(keys_line.text) - guest_seconds(fire)), 1)
+    result.timings_ms = {"unplug_to_poweroff": round((t_off - t0) * 1000, 1),
+                         "guest_detect_to_killed": detect_to_killed,
+                         "guest_detect_to_keys_gone": detect_to_keys_gone,
+                         "host_keys_line_to_stop": stopped_after_ms}
+    result.notes.update(keys_stage=keys_line.text.split("killcord: stage ", 1)[1][:400],
+                        key_half_copies_before=key_before, key_half_copies_at_stop=key_at_stop,
+                        pattern_bytes_at_stop=pattern_at_stop * len(pattern),
+                        jumped_before_the_stop="kexec_core: Starting new kernel" in console,
+                        key_half_copies_after=key_after)
+    check_wiped(result, image)
+    assert "outcome=done" in keys_line.text and "'name': 'secret'" in keys_line.text, keys_line.text
+    assert key_at_stop == [0, 0], result.as_dict()
+    # the rest of RAM was not wiped yet: the killed process's pages still hold the pattern
+    assert pattern_at_stop * len(pattern) >= 0.5 * result.pattern_bytes_written, result.as_dict()
+    assert key_after == [0, 0]
+    # detect_to_keys_gone is measured, not bounded here: issue 11 asks for 50 ms under TCG,
+    # which the kill's /proc scan and the console lines before the keys stage still exceed
 
 
 def newc_archive(files: dict[str, tuple[int, bytes]]) -> bytes:
