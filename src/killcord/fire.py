@@ -153,6 +153,11 @@ class Firer:
             wait_s = self.machine.deadlines_ms[Stage.KILL] / 1000
             reaped = kill.finish(min(deadline - POWEROFF_MARGIN_S, time.monotonic() + wait_s),
                                  self.live, self._kill_began).as_dict()
+        if self.live and self._printk_fd is not None:
+            # Only crit and worse on the console from now on: services PID 1 restarts from
+            # the missing medium flood it with errors (SQUASHFS: EIO), and a console that
+            # falls behind drops messages, our last line among them (seen in scenario g).
+            _write(self._printk_fd, b"3")
         # Frees, wipes and powers off from this process, which is already in RAM: see
         # fallback.py for why PID 1's systemd-shutdown is not trusted with it.
         wiped, detail = fallback.run(self._fallback, deadline - POWEROFF_MARGIN_S, self.live)
