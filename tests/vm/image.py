@@ -98,11 +98,13 @@ def suite_sources(suite: str) -> str:
                           check=True, capture_output=True, text=True).stdout
 
 
-def cache_key(deb: Path, suite: str, sources: str) -> str:
+def cache_key(deb: Path, inputs: list[object], builder: Path = Path(__file__)) -> str:
+    """The cache key of a guest image: the .deb, the builder's other `inputs` (suite,
+    packages, sources...), the builder's own source file and the guest's test files."""
     h = hashlib.sha256()
     h.update(deb.read_bytes())
-    h.update(json.dumps([suite, PACKAGES, sources]).encode())
-    h.update(Path(__file__).read_bytes())
+    h.update(json.dumps(inputs).encode())
+    h.update(builder.read_bytes())
     for f in sorted(GUEST.iterdir()):
         h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()[:16]
@@ -150,7 +152,7 @@ def _mounts_under(tree: Path) -> list[str]:
 def build(suite: str, deb: Path | None = None, cache: Path = CACHE, log=sys.stderr) -> Image:
     deb = deb or find_deb(suite)
     sources = suite_sources(suite)
-    target = cache / f"{suite}-{cache_key(deb, suite, sources)}"
+    target = cache / f"{suite}-{cache_key(deb, [suite, PACKAGES, sources])}"
     if (target / "info.json").exists():
         return Image(target)
     cache.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@ list, the apt sources, the guest's test files and this file, like image.py's ima
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .image import CACHE, GUEST, ROOT, _mounts_under, extract_vmlinux, find_deb, guest_hooks, suite_sources
+from .image import CACHE, GUEST, ROOT, _mounts_under, cache_key, extract_vmlinux, find_deb, guest_hooks, suite_sources
 
 SUITE = "trixie"  # Debian 13: dracut 106 is one of its two initramfs generators
 NAME = f"{SUITE}-dracut"
@@ -90,16 +89,6 @@ class Installed:
         return ROOT / "out" / "vm" / NAME
 
 
-def cache_key(deb: Path, sources: str) -> str:
-    h = hashlib.sha256()
-    h.update(deb.read_bytes())
-    h.update(json.dumps([SUITE, PACKAGES, DRACUT_CONF, FSTAB, sources]).encode())
-    h.update(Path(__file__).read_bytes())
-    for f in sorted(GUEST.iterdir()):
-        h.update(f.name.encode() + f.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def mbr(start_sector: int, sectors: int, disk_id: int = 0x6B636F72) -> bytes:
     """A DOS partition table with one Linux partition (type 0x83), addressed by LBA alone
     (its CHS fields say "beyond CHS", as partitioning tools write them on large disks).
@@ -138,7 +127,7 @@ def _discard(path: Path, log) -> None:
 def build(deb: Path | None = None, cache: Path = CACHE, log=sys.stderr) -> Installed:
     deb = deb or find_deb(SUITE)
     sources = suite_sources(SUITE)
-    target = cache / f"{NAME}-{cache_key(deb, sources)}"
+    target = cache / f"{NAME}-{cache_key(deb, [SUITE, PACKAGES, DRACUT_CONF, FSTAB, sources], Path(__file__))}"
     if (target / "info.json").exists():
         return Installed(target)
     cache.mkdir(parents=True, exist_ok=True)
