@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LIB = ROOT / "initramfs-hooks" / "killcord-cmdline"
 INIT_TOP = ROOT / "initramfs-hooks" / "initramfs-tools" / "scripts" / "init-top" / "killcord"
 DRACUT_HOOK = ROOT / "initramfs-hooks" / "dracut" / "90killcord" / "killcord-wipe-hook.sh"
+WIPE_BOOT = ROOT / "initramfs-hooks" / "killcord-wipe-boot"
 OURS = [(b"init_on_alloc", b"1"), (b"init_on_free", b"1"), (b"killcord.wipe", b"1")]
 TAIL = "init_on_alloc=1 init_on_free=1 killcord.wipe=1"
 
@@ -300,15 +301,21 @@ def run_hook(hook: Path, line: str, box: Path) -> tuple[list[str], str]:
     lib = LIB.read_text().replace("/proc/cmdline", f"{box}/cmdline")
     assert "/proc/" not in lib.replace(str(box), "")
     (box / "killcord-cmdline").write_text(lib)
-    text = (hook.read_text().replace("/usr/lib/killcord/killcord-cmdline", f"{box}/killcord-cmdline")
-            .replace("/usr/lib/killcord/killcord-wipe", f"{bindir}/killcord-wipe")
-            .replace("/dev/kmsg", f"{box}/kmsg").replace("/proc/sysrq-trigger", f"{box}/sysrq")
-            .replace("/proc/cmdline", f"{box}/cmdline"))
-    code = "\n".join(line for line in text.replace(str(box), "").splitlines() if not line.lstrip().startswith("#"))
-    for real in ("/proc/", "/dev/", "/usr/lib/killcord", "/lib/"):
-        assert real not in code, f"{hook.name} still touches {real}"
+    def moved(script: Path) -> str:
+        text = (script.read_text().replace("/usr/lib/killcord/killcord-cmdline", f"{box}/killcord-cmdline")
+                .replace("/usr/lib/killcord/killcord-wipe", f"{bindir}/killcord-wipe")  # -boot too
+                .replace("/dev/kmsg", f"{box}/kmsg").replace("/proc/sysrq-trigger", f"{box}/sysrq")
+                .replace("/proc/cmdline", f"{box}/cmdline"))
+        code = "\n".join(line for line in text.replace(str(box), "").splitlines() if not line.lstrip().startswith("#"))
+        for real in ("/proc/", "/dev/", "/usr/lib/killcord", "/lib/"):
+            assert real not in code, f"{script.name} still touches {real}"
+        return text
+
+    # the hook decides; killcord-wipe-boot (real, moved the same way) wipes and powers off
+    (bindir / "killcord-wipe-boot").write_text(moved(WIPE_BOOT))
+    (bindir / "killcord-wipe-boot").chmod(0o755)
     script = box / "hook"
-    script.write_text(text)
+    script.write_text(moved(hook))
     for f in box.iterdir():
         if f.is_file():
             f.chmod(0o755)

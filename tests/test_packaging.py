@@ -303,7 +303,7 @@ def test_control_depends() -> None:
     assert re.search(r"^Architecture: all$", binary, re.M)
     depends = re.search(r"^Depends:(.*?)^\S", binary, re.M | re.S).group(1)
     for dep in ("python3 (>= 3.11)", "${killcord:Python}", "python3-pyudev", "python3-psutil", "python3-systemd",
-                "python3-structlog", "kexec-tools", "memlockd", "busybox", "initramfs-tools | dracut",
+                "python3-structlog", "kexec-tools", "memlockd", "busybox-static", "initramfs-tools | dracut",
                 "${misc:Depends}", "${shlibs:Depends}"):
         assert dep in depends, dep
     assert "<< 3.12" not in depends, "Debian 13's python3 is 3.13: the bound belongs to the bookworm build only"
@@ -425,6 +425,8 @@ def expected_files(suite: str) -> dict[str, int]:
         f"{sd}/system-shutdown/killcord": 0o755,
         "./usr/lib/killcord/killcord/cli.py": 0o644,
         "./usr/lib/killcord/killcord-wipe": 0o755,
+        "./usr/lib/killcord/killcord-wipe-boot": 0o755,
+        "./usr/lib/killcord/wipe-target-init": 0o755,
         "./usr/lib/killcord/killcord-shutdown": 0o755,
         "./usr/lib/killcord/killcord-cmdline": 0o644,  # sourced by the hooks, not run
         "./usr/lib/killcord/prepare-shutdown": 0o755,

@@ -333,3 +333,26 @@ def test_a_sample_that_does_not_read_back_fails(wipe: Callable[..., Run], shell:
     why = f"(pattern: {8 * MIB} bytes of {8 * MIB} written, {8 * MIB} read back wrong)"
     assert sample == f"no {why}", r.text()
     assert r.line("FAILED") == f"FAILED: sample check: {why}"
+
+
+# ---- --boot-cleared (the wipe target): no second pass only when the kernel says it cleared ----
+
+
+@pytest.mark.parametrize(("meminit", "passes"), [
+    (FREE_ON, False),   # init_on_free: every free page was zeroed at boot, nothing for a pass
+    (ALLOC_ON, True),   # zeroed when handed out, not when freed: the old contents are still there
+    (BOTH_OFF, True),   # e.g. page_poison=1 won over init_on_free=1
+    (None, True),       # no report: cannot tell, so wipe
+], ids=["free-on", "alloc-on", "both-off", "no-line"])
+def test_boot_cleared_skips_the_pass_only_on_the_kernels_word(wipe: Callable[..., Run], meminit: str | None,
+                                                              passes: bool) -> None:
+    r = wipe(avail_for(48), meminit=meminit, args=("--boot-cleared",))
+    assert r.rc == 0, r.text()
+    if passes:
+        assert r.line("the kernel did not zero free memory at boot").endswith(": wiping it here"), r.text()
+        assert r.wiped()[0] == 48, r.text()
+        assert max(r.used_seen) == 48
+        return
+    assert r.console == [f"wiped {avail_for(48)} MiB free of {TOTAL_MIB} MiB: the kernel zeroed all free memory "
+                         "as it booted (stack:all(zero), heap alloc:off, heap free:on); no second pass"], r.text()
+    assert not r.used_seen or max(r.used_seen) == 0  # no tmpfs filled

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import psutil
 
-from killcord import audit, control, kexec, medium, resident
+from killcord import audit, control, kexec, medium, resident, wipetarget
 from killcord.cmdline import CmdlineError, last_value, read_proc, sanitize
 from killcord.config import Config
 
@@ -92,16 +92,52 @@ def _daemon_items(config: Config, drop_caches: bool) -> list[Item]:
     except control.NoAnswer as exc:
         return [Item("daemon", False, True, str(exc), "start it: systemctl enable --now killcord"
                      if exc.missing else "see `systemctl status killcord` and the journal"),
-                Item("resident", False, True, "unknown: the daemon does not answer", "start the daemon")]
+                Item("resident", False, True, "unknown: the daemon does not answer", "start the daemon"),
+                wipe_target_item(config, None)]
     if not isinstance(status, control.StatusReply):
         return [Item("daemon", False, True, f"status refused: {status.error}", "run `killcord check` as root"),
-                Item("resident", False, True, "unknown: no status from the daemon", "run `killcord check` as root")]
+                Item("resident", False, True, "unknown: no status from the daemon", "run `killcord check` as root"),
+                wipe_target_item(config, None)]
     armed = status.state == "armed"
     detail = f"pid {status.pid}, state {status.state}"
     if status.medium is None and status.medium_note:
         detail += f"; medium: none ({status.medium_note})"
     items = [Item("daemon", armed, True, detail, "" if armed else "see `killcord status` and the journal")]
-    return items + [_resident_item(status, drop_caches), _fallback_item(status.pid)]
+    return items + [_resident_item(status, drop_caches), _fallback_item(status.pid),
+                    wipe_target_item(config, status.kexec)]
+
+
+WIPE_TARGET_FIX = ("apt install busybox-static (the package builds it), or `killcord wipe-target build`; "
+                   "then systemctl restart killcord")
+
+
+def wipe_target_item(config: Config, staged: dict | None, image: Path = wipetarget.IMAGE) -> Item:
+    """What the daemon staged as the kexec target's initramfs: killcord's wipe target, still
+    as its manifest says, is the fast path; the system's initramfs also wipes, only seconds
+    slower (not required). Without a daemon: whether the built image is sound."""
+    try:
+        built: wipetarget.Manifest | None = wipetarget.verify(image)
+        problem = ""
+    except wipetarget.WipeTargetError as exc:
+        built, problem = None, str(exc)
+    if config.kexec_initrd != "auto":
+        return Item("wipe-target", False, False, f"kexec_initrd = {config.kexec_initrd!r}: the jump boots that "
+                    "initramfs, not killcord's wipe target", 'set kexec_initrd = "auto" to stage the wipe target')
+    if staged is None or not staged.get("loaded"):
+        what = "nothing staged by a running daemon; " if staged is not None else "no daemon to ask; "
+        if built is None:
+            return Item("wipe-target", False, False, what + problem, WIPE_TARGET_FIX)
+        return Item("wipe-target", True, False, what + f"built: {image} ({built.bytes} bytes, matches its manifest)")
+    if staged.get("initrd_kind") != "wipe-target":
+        return Item("wipe-target", False, False,
+                    f"the jump boots the system's initramfs {staged.get('initrd')} ({staged.get('initrd_bytes')} bytes): "
+                    f"it wipes too, seconds later; {staged.get('note') or problem}", WIPE_TARGET_FIX)
+    if built is None or staged.get("initrd_sha256") != built.sha256:
+        why = problem or f"the staged one (sha256 {str(staged.get('initrd_sha256'))[:12]}) is not the one built now"
+        return Item("wipe-target", False, False, f"staged {staged.get('initrd')}, but {why}",
+                    "systemctl restart killcord (it stages the image again)")
+    return Item("wipe-target", True, False, f"staged {staged.get('initrd')} ({built.bytes} bytes, at most "
+                f"{wipetarget.MAX_BYTES}; sha256 {built.sha256[:12]} as its manifest records)")
 
 
 def _fallback_item(pid: int) -> Item:

@@ -1,4 +1,5 @@
-"""The commands: daemon, panic, recheck, status, check, slabinfo-diff, memlock-config.
+"""The commands: daemon, panic, recheck, status, check, slabinfo-diff, memlock-config,
+wipe-target.
 
 Exit codes: 0 ok, 1 a check or request failed, 2 bad configuration or arguments,
 3 refused to arm, 4 no daemon running, 13 permission denied.
@@ -138,6 +139,11 @@ def _render_status(s) -> str:  # noqa: ANN001  (control.StatusReply)
                  + (f": {kx.get('error')}" if kx.get("error") else ""))
     if kx.get("cmdline"):
         lines.append(f"          cmdline: {kx['cmdline']}")
+    if kx.get("initrd"):
+        size = f", {kx['initrd_bytes']} bytes" if kx.get("initrd_bytes") is not None else ""
+        lines.append(f"          initrd: {kx['initrd']} ({kx.get('initrd_kind')}{size})")
+    if kx.get("note"):
+        lines.append(f"          {kx['note']}")
     lines.append(f"resident: mlockall={res.get('mlockall')}, {res.get('locked_kib')} KiB locked, "
                  f"{res.get('resident_pages')}/{res.get('pages')} pages of {res.get('files')} files")
     if s.trigger:
@@ -201,6 +207,31 @@ def cmd_memlock_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_wipe_target(args: argparse.Namespace) -> int:
+    from killcord import wipetarget
+
+    args.image = args.image or wipetarget.IMAGE
+    try:
+        if args.action == "build":
+            m = wipetarget.build(args.image, args.busybox)
+        else:
+            m = wipetarget.verify(args.image)
+    except wipetarget.WipeTargetError as exc:
+        return _err(str(exc), EXIT_FAILED)
+    except OSError as exc:
+        return _err(f"{exc.filename or args.image}: {exc.strerror or exc}; run as root (the package's "
+                    "postinst builds it)", EXIT_FAILED)
+    if args.json:
+        print(json.dumps(m.as_dict(), indent=2))
+    else:
+        verb = "built" if args.action == "build" else "ok"
+        print(f"killcord: wipe target {verb}: {m.image} ({m.bytes} bytes, at most {wipetarget.MAX_BYTES}; "
+              f"sha256 {m.sha256[:16]}; busybox {m.busybox})")
+        if args.action == "build":
+            print("killcord: the daemon stages it when it next arms (systemctl restart killcord)")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="killcord", description=(
         "Emergency shutdown for live systems: when the boot medium is pulled (or on `panic`), "
@@ -229,11 +260,21 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sub.add_parser("memlock-config", help="print a memlockd config for this system",
                    description="The interpreter, its libraries, killcord's files and the binaries the fallback needs.")
+    sp = sub.add_parser("wipe-target", help="build or verify the initramfs staged for the kexec jump",
+                        description="killcord's wipe target: a static busybox and killcord's wipe scripts, "
+                        "under 1 MiB, staged in place of the system's initramfs (the package builds it at "
+                        "install and on busybox, kernel and initramfs updates).")
+    sp.add_argument("action", choices=("build", "verify"), help="build it (root), or check it against its manifest")
+    sp.add_argument("--image", type=Path, default=None,
+                    help="where it is (default /var/lib/killcord/wipe-target.img; its manifest is IMAGE.json)")
+    sp.add_argument("--busybox", type=Path, default=None,
+                    help="a static busybox (default: busybox-static's, /usr/bin/busybox or /bin/busybox)")
+    sp.add_argument("--json", action="store_true")
     return p
 
 
 COMMANDS = {"daemon": cmd_daemon, "panic": cmd_panic, "recheck": cmd_recheck, "status": cmd_status, "check": cmd_check,
-            "slabinfo-diff": cmd_slabinfo_diff, "memlock-config": cmd_memlock_config}
+            "slabinfo-diff": cmd_slabinfo_diff, "memlock-config": cmd_memlock_config, "wipe-target": cmd_wipe_target}
 
 
 def main(argv: list[str] | None = None) -> int:

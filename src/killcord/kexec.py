@@ -10,13 +10,14 @@ import ctypes
 import ctypes.util
 import errno
 import glob
+import hashlib
 import os
 import platform
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from killcord import cmdline
+from killcord import cmdline, wipetarget
 from killcord.events import Outcome
 
 # What the wipe kernel's command line keeps, drops and adds is cmdline.py's (one owner).
@@ -48,6 +49,12 @@ class Staged:
     loaded: bool  # an image is in the kernel (or, in dry-run, would be)
     locked: bool = False  # kernel.kexec_load_disabled=1 set after staging
     error: str | None = None
+    # which initramfs: "wipe-target" (killcord's own, wipetarget.py), "system" (the
+    # medium's or /boot's, whose killcord hook wipes), "explicit" (kexec_initrd = a path)
+    initrd_kind: str = "none"
+    initrd_bytes: int | None = None
+    initrd_sha256: str | None = None  # of what was read at staging
+    note: str | None = None  # why not the wipe target, when "auto" fell back to the system's
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -67,6 +74,30 @@ def find_image(setting: str, kind: str, live_mount: Path, release: str | None = 
     candidates = sorted(glob.glob(str(live_mount / "live" / f"{name}*")))
     candidates += [f"/boot/{name}-{release}", f"/{name}"]
     return next((c for c in candidates if os.path.isfile(c)), None)
+
+
+def choose_initrd(setting: str, live_mount: Path, wipe_image: Path) -> tuple[str | None, str, str | None]:
+    """(path, kind, note) of the initramfs to stage. "auto": killcord's wipe target while it
+    matches its manifest, else the system's (note says why); "none"; or the explicit path."""
+    if setting == "none":
+        return None, "none", None
+    if setting != "auto":
+        return find_image(setting, "initrd", live_mount), "explicit", None
+    try:
+        wipetarget.verify(wipe_image)
+        return str(wipe_image), "wipe-target", None
+    except wipetarget.WipeTargetError as exc:
+        system = find_image("auto", "initrd", live_mount)
+        return system, "system" if system else "none", f"wipe target not used: {exc}"
+
+
+def _digest(path: str) -> tuple[int, str]:
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
 
 
 def _file_load(kernel: str, initrd: str | None, line: str) -> None:
@@ -110,13 +141,26 @@ def is_loaded() -> bool:
 
 
 def stage(kernel_setting: str, initrd_setting: str, append: str, live: bool, lock: bool,
-          live_mount: Path, current_cmdline: str | None = None) -> Staged:
+          live_mount: Path, current_cmdline: str | None = None,
+          wipe_image: Path = wipetarget.IMAGE) -> Staged:
     """Load the image (live) or check that it could be (dry-run). Never raises for a
     missing or refused image, nor for a command line that cannot be made safe: nothing is
     staged and the firing path falls back to poweroff, with `error` saying why. Raises
     KexecError only for a misconfigured explicit path (refuse to arm)."""
     kernel = find_image(kernel_setting, "kernel", live_mount)
-    initrd = find_image(initrd_setting, "initrd", live_mount)
+    initrd, kind, note = choose_initrd(initrd_setting, live_mount, wipe_image)
+    staged = _stage(kernel, initrd, kernel_setting, append, live, lock, current_cmdline)
+    size, digest = None, None
+    if initrd is not None and staged.loaded:
+        try:
+            size, digest = _digest(initrd)
+        except OSError:
+            pass
+    return replace(staged, initrd_kind=kind, initrd_bytes=size, initrd_sha256=digest, note=note)
+
+
+def _stage(kernel: str | None, initrd: str | None, kernel_setting: str, append: str, live: bool, lock: bool,
+           current_cmdline: str | None) -> Staged:
     if current_cmdline is None:
         current_cmdline = cmdline.read_proc()
     try:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache" / "vm"
 SUITES = ("trixie", "bookworm")  # Debian 13 (stable) first: what the demo boots
 PACKAGES = [
-    "systemd-sysv", "udev", "linux-image-amd64", "initramfs-tools", "busybox", "dmsetup",
+    "systemd-sysv", "udev", "linux-image-amd64", "initramfs-tools", "busybox-static", "dmsetup",
     "kexec-tools", "memlockd", "procps", "kmod", "live-boot", "cryptsetup-bin", "e2fsprogs", "dosfstools",
 ]
 

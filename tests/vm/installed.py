@@ -34,7 +34,7 @@ ROOT_LABEL = "kcroot"
 PART_OFFSET_MIB = 1  # the partition starts at sector 2048, as partitioning tools put it
 # dracut instead of initramfs-tools (they conflict; linux-image-amd64 takes either).
 PACKAGES = [
-    "systemd-sysv", "udev", "linux-image-amd64", "dracut", "busybox", "dmsetup", "kexec-tools",
+    "systemd-sysv", "udev", "linux-image-amd64", "dracut", "busybox-static", "dmsetup", "kexec-tools",
     "memlockd", "python3", "procps", "kmod", "e2fsprogs",
 ]
 # Written before any package is installed, so that every initrd dracut makes, the kernel's

@@ -56,9 +56,13 @@ def test_a_process_memory_is_wiped_after_unplug(image: Image) -> None:
     with live.boot(image, image.out / "a-process.log") as g:
         status = live.wait_armed(g)
         assert status["kexec"]["loaded"] and status["medium"]["source"] == "live-boot"
+        # killcord's own wipe target, as the package built it, not the live system's initrd
+        staged = status["kexec"]
+        assert staged["initrd_kind"] == "wipe-target" and staged["initrd_bytes"] <= 1024 * 1024, staged
         fill_and_control(g, result, pattern)
         live.trigger_and_measure(g, result, pattern, live.unplug_stick(g))
     result.notes["medium"] = status["medium"]["device"]
+    result.notes["initrd"] = {k: staged[k] for k in ("initrd", "initrd_kind", "initrd_bytes")}
     check_wiped(result, image)
     t = result.timings_ms
     assert t["unplug_to_detect"] is not None and t["unplug_to_kexec"] is not None

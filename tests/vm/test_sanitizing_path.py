@@ -35,6 +35,7 @@ def test_package_puts_the_hook_in_the_initramfs_and_goes_live(image: Image) -> N
     files = set(image.initrd_files)
     assert "usr/lib/killcord/killcord-wipe" in files
     assert "usr/lib/killcord/killcord-cmdline" in files  # the hooks read the command line through it
+    assert "usr/lib/killcord/killcord-wipe-boot" in files
     assert "scripts/init-top/killcord" in files
     assert any(f.endswith("bin/busybox") for f in files)
     config = tomllib.loads(image.config_text)
@@ -59,6 +60,46 @@ def test_wipe_mode_wipes_reports_and_powers_off(image: Image) -> None:
     assert method == "fallocate"  # the target runs with init_on_alloc=1: the kernel zeroes each page
     record(image, "wipe-mode", {"guest_mib": total, "free_mib": free, "reserve_mib": reserve, "wiped_mib": wiped,
                          "method": method, "seconds": seconds, "mib_per_s": rate, "powered_off": rc == 0})
+
+
+def wipe_target_of(image: Image, dest: Path) -> Path:
+    """The wipe target the package's postinst built in the guest system
+    (/var/lib/killcord/wipe-target.img), read out of its root file system image."""
+    out = dest / "wipe-target.img"
+    subprocess.run(["debugfs", "-R", f"dump /var/lib/killcord/wipe-target.img {out}", str(image.rootfs)],
+                   check=True, capture_output=True)
+    assert out.is_file() and out.stat().st_size > 0, "the package did not build /var/lib/killcord/wipe-target.img"
+    return out
+
+
+@pytest.mark.parametrize("init_on_free", [1, 0])
+def test_wipe_target_trusts_only_the_kernels_word_then_powers_off(image: Image, tmp_path: Path,
+                                                                 init_on_free: int) -> None:
+    """killcord's own wipe target, as built in the guest by the package, booted with the
+    suite's kernel and killcord's target line: with init_on_free=1 (the kernel's report
+    says heap free:on) it does no second pass; with init_on_free=0 appended last, the
+    kernel says heap free:off and the target wipes free memory itself. Either way it
+    powers off, and the image is at most 1 MiB."""
+    name = f"wipe-target-iof{init_on_free}"
+    target = wipe_target_of(image, tmp_path)
+    append = "console=ttyS0 quiet init_on_alloc=1 init_on_free=1 killcord.wipe=1" + ("" if init_on_free else " init_on_free=0")
+    with Guest(["-kernel", str(image.vmlinux), "-initrd", str(target), "-append", append],
+               memory_mib=1024, log=image.out / f"{name}.log") as g:
+        if init_on_free:
+            _, done = g.wait_for(r"killcord-wipe: wiped (\d+) MiB free of (\d+) MiB: the kernel zeroed all free "
+                                 r"memory as it booted \(.*heap free:on\); no second pass", 120)
+        else:
+            g.wait_for(r"killcord-wipe: the kernel did not zero free memory at boot \(.*heap free:off.*\): wiping it here",
+                       120)
+            _, done = g.wait_for(r"killcord-wipe: wiped \d+ MiB by \w+ in .*sample ok: yes", 180)
+        _, finished = g.wait_for(r"killcord: wipe finished \(exit 0\), poweroff now", 60)
+        rc = g.wait_exit(60)
+        console = g.text()
+    assert rc == 0
+    assert "Kernel panic" not in console and "FAILED" not in console
+    record(image, name, {"image_bytes": target.stat().st_size, "wiped": done.text.split("killcord-wipe: ", 1)[1],
+                         "qemu_start_to_finished_s": round(finished.at - g.started, 2), "powered_off": rc == 0})
+    assert target.stat().st_size <= 1024 * 1024
 
 
 def test_fallback_without_kexec_frees_wipes_and_powers_off_from_the_daemon(image: Image, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ depends() {
 install() {
 	inst_multiple dd tr wc mount umount rm rmdir mkdir cat awk sort timeout poweroff reboot halt fallocate dmesg grep
 	inst_simple /usr/lib/killcord/killcord-wipe
+	inst_simple /usr/lib/killcord/killcord-wipe-boot
 	inst_simple /usr/lib/killcord/killcord-cmdline
 	# cmdline hooks run first, before udev and before the root is looked for
 	# shellcheck disable=SC2154 # moddir: set by dracut for the module being installed
