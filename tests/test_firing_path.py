@@ -93,3 +93,32 @@ def test_the_fallback_imports_nothing_and_says_what_it_would_free(ramdir: Path) 
     scrubbed = poweroff.detail["scrubbed"]
     assert isinstance(scrubbed, dict) and scrubbed["files"] >= 1 and scrubbed["mounts"]
     assert secret.read_bytes() == b"s" * 8192  # dry: nothing freed
+
+
+def test_nothing_is_logged_before_the_kill_and_the_keys(ramdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A console line costs milliseconds: the kill and the keys run first, then the fire
+    line (saying how long after the detection it was written) and their stage lines, then
+    the rest as it happens. The daemon's word to systemd comes with the fire line."""
+    from killcord import fire
+
+    logs: list[dict[str, object]] = []
+
+    class Recorder:  # fire.py's logger, recording what it is given
+        def critical(self, event: str, **kw: object) -> None:
+            logs.append({"event": event, **kw})
+
+    monkeypatch.setattr(fire, "log", Recorder())
+    m, f = firer(ramdir)
+    logged_at: dict[str, int] = {}  # what happened: how many log lines had gone out then
+    for stage in (Stage.KILL, Stage.KEYS, Stage.AUDIT):
+        real = f._stages[stage]
+
+        def counted(deadline: float, real=real, stage=stage):  # noqa: ANN202
+            logged_at[f"run {stage.value}"] = len(logs)
+            return real(deadline)
+        monkeypatch.setitem(f._stages, stage, counted)
+    detected = time.monotonic() - 0.25
+    f.drive(m.feed(Panic(0, 1)), detected, after_urgent=lambda: logged_at.setdefault("systemd", len(logs)))
+    assert logged_at == {"run kill": 0, "run keys": 0, "systemd": 3, "run audit": 3}, logged_at
+    assert [(e["event"], e.get("stage")) for e in logs[:3]] == [("fire", None), ("stage", "kill"), ("stage", "keys")]
+    assert logs[0]["logged_after_ms"] >= 250 and logs[0]["trigger"] == m.trigger

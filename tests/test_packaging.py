@@ -28,7 +28,7 @@ CONFFILE = ROOT / "packaging" / "killcord.toml"
 
 # What killcord.service may hold at most (see the comments in the unit for each one).
 ALLOWED_CAPS = {"CAP_SYS_BOOT", "CAP_KILL", "CAP_SYS_ADMIN", "CAP_IPC_LOCK", "CAP_SYS_RESOURCE", "CAP_NET_ADMIN",
-                "CAP_DAC_OVERRIDE", "CAP_FOWNER"}
+                "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_SYS_NICE"}
 # Sandboxing that would break firing (each explained in the unit): must stay off.
 BREAKS_FIRING = {
     "ProtectKernelTunables": "makes /proc/sys and /proc/sysrq-trigger read-only",
@@ -40,6 +40,7 @@ BREAKS_FIRING = {
     "PrivateNetwork": "kernel uevents go to the initial network namespace",
     "PrivateUsers": "capabilities in a user namespace cannot kexec or signal init",
     "DynamicUser": "it must run as root",
+    "RestrictRealtime": "the kill and keys stages run SCHED_FIFO (fire.py)",
     # the poweroff fallback frees the system's own RAM file systems, not private copies
     "ProtectSystem": "the fallback could not free files on /run, /dev/shm or the overlay",
     "ProtectHome": "the fallback would not see /run/user",

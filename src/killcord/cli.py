@@ -161,6 +161,8 @@ def _render_status(s) -> str:  # noqa: ANN001  (control.StatusReply)
 def _stage_note(outcome: str, detail: dict) -> str:
     if "targets" in detail and outcome == "dry":
         return f"would kill {detail['targets']} processes"
+    if "targets" in detail and detail["targets"] is None:
+        return "every process stopped and killed, exits not waited for (the kexec target clears their memory)"
     if "targets" in detail:
         return f"targets={detail['targets']} killed={detail['killed']} left={len(detail.get('remaining', []))}"
     for key in ("error", "reason", "would", "record"):

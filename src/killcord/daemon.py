@@ -378,23 +378,28 @@ class Daemon:
     # ---- feeding the machine ----
 
     def feed(self, event: Event) -> None:
+        detected = time.monotonic()
         received = time.time()
         actions = self.machine.feed(event)
         if isinstance(event, Uevent) and not actions and event.devpath not in self.machine.watched:
             return  # unrelated device: not worth a status line
-        self.events.append({"at": received, "event": type(event).__name__, **_fields(event),
-                            "fired": bool(actions)})
         if actions:
-            logger.critical("fire", trigger=self.machine.trigger)
-            # The loop stops pinging while the stages run: stretch the watchdog over all of
-            # their deadlines, so systemd does not abort us before the last resort (sysrq).
-            budget_us = (sum(self.config.deadlines.values()) + 5000) * 1000
-            log.notify(STATUS=f"firing: {self.machine.trigger}", WATCHDOG_USEC=budget_us)
             assert self.firer is not None
             if self.firing_lock is not None:
                 statedir.take_firing_lock(self.firing_lock)  # `killcord panic` must not start a second sequence
-            finished = self.firer.drive(actions)
+            # No log line and no word to systemd before the kill and the keys (Firer.drive);
+            # then the loop stops pinging while the stages run: stretch the watchdog over
+            # all of their deadlines, so systemd does not abort us before the last resort.
+            budget_us = (sum(self.config.deadlines.values()) + 5000) * 1000
+
+            def tell_systemd() -> None:
+                self.events.append({"at": received, "event": type(event).__name__, **_fields(event), "fired": True})
+                log.notify(STATUS=f"firing: {self.machine.trigger}", WATCHDOG_USEC=budget_us)
+
+            finished = self.firer.drive(actions, detected, tell_systemd)
             log.notify(STATUS=f"fired: {self.machine.trigger} (ok={finished.ok if finished else None})")
+            return
+        self.events.append({"at": received, "event": type(event).__name__, **_fields(event), "fired": False})
 
     def status(self) -> control.StatusReply:
         m = self.machine

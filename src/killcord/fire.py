@@ -33,6 +33,14 @@ threading.stack_size(STAGE_STACK)
 
 log = structlog.get_logger("killcord.fire")
 
+# Stages that run before anything is logged (see Firer.drive): what takes secrets away.
+# They run SCHED_FIFO (the stage threads inherit it from the firing thread): the processes
+# just killed exit on every CPU, and under that load a normal thread waited tens of ms for
+# its turn (scenario o). Only while firing: an armed daemon that serves the control socket
+# at real-time priority would let a local user's flood take a CPU.
+URGENT = frozenset({Stage.KILL, Stage.KEYS})
+FIRE_PRIORITY = 50  # as the kernel's threaded interrupt handlers: below none of them
+
 
 class Firer:
     def __init__(self, machine: Machine, staged: kexec.Staged, state_dir: Path, live: bool) -> None:
@@ -78,17 +86,47 @@ class Firer:
         outcome, detail = box[0] if box else (Outcome.TIMED_OUT, {"error": "still running at its deadline"})
         return StageEnded(action.stage, outcome, round(duration_ms, 3), detail)
 
-    def drive(self, actions: list[Action]) -> Finished | None:
-        """Run what the machine asks, feed back each outcome, until it says Finished."""
+    def drive(self, actions: list[Action], detected: float | None = None,
+              after_urgent: Callable[[], None] | None = None) -> Finished | None:
+        """Run what the machine asks, feed back each outcome, until it says Finished.
+
+        Nothing is logged before the URGENT stages (kill, keys) have run: a console line
+        costs milliseconds (more under emulation), the journal a round trip. Then the
+        `fire` line (with how long after the detection at `detected`, a time.monotonic()
+        value, it was written), their stage lines, and `after_urgent` (the daemon tells
+        systemd) go out, before the slower stages."""
+        detected = time.monotonic() if detected is None else detected
+        held: list[StageEnded] | None = []
+        realtime = _scheduling(os.SCHED_FIFO, FIRE_PRIORITY) if self.live else "dry-run"
+
+        def flush() -> None:
+            nonlocal held
+            if held is None:
+                return
+            if self.live:  # the slower stages (a wipe among them) must not starve the dying
+                _scheduling(os.SCHED_OTHER, 0)
+            log.critical("fire", trigger=self.machine.trigger, realtime=realtime,
+                         logged_after_ms=round((time.monotonic() - detected) * 1000, 3))
+            for ended in held:
+                _log_stage(ended)
+            held = None
+            if after_urgent is not None:
+                after_urgent()
+
         while actions:
             action = actions.pop(0)
+            if isinstance(action, Finished) or action.stage not in URGENT:
+                flush()
             if isinstance(action, Finished):
                 log.critical("finished", ok=action.ok, last_stage=action.last_stage.value)
                 return action
             ended = self.run(action)
-            log.critical("stage", stage=ended.stage.value, outcome=ended.outcome.value,
-                         duration_ms=ended.duration_ms, detail=ended.detail)
+            if held is not None:
+                held.append(ended)
+            else:
+                _log_stage(ended)
             actions.extend(self.machine.feed(ended))
+        flush()
         return None
 
     # ---- the stages ----
@@ -181,6 +219,20 @@ class Firer:
             return Outcome.FAILED, {"error": f"{SYSRQ_TRIGGER} could not be opened at arm time"}
         os.write(self._sysrq_fd, b"o")
         return _wait_until(deadline, "sysrq o written")
+
+
+def _scheduling(policy: int, priority: int) -> str:
+    """Set this thread's policy; "ok", or why not (the stages run all the same)."""
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(priority))
+        return "ok"
+    except OSError as exc:
+        return f"refused: {exc.strerror}"
+
+
+def _log_stage(ended: StageEnded) -> None:
+    log.critical("stage", stage=ended.stage.value, outcome=ended.outcome.value,
+                 duration_ms=ended.duration_ms, detail=ended.detail)
 
 
 def _wait_until(deadline: float, what: str) -> tuple[Outcome, dict[str, object]]:

@@ -105,6 +105,17 @@ def wait_armed(g: Guest, timeout: float = 400) -> dict:
     return json.loads(g.run("killcord status --json")["out"])
 
 
+def restage_with_initrd(g: Guest, initrd: str) -> dict:
+    """Restart killcord with kexec_initrd = `initrd` (a systemd drop-in in /run setting
+    KILLCORD_KEXEC_INITRD) instead of its wipe target; returns the new status once armed."""
+    g.run("mkdir -p /run/systemd/system/killcord.service.d && printf '[Service]\\nEnvironment=KILLCORD_KEXEC_INITRD=%s\\n' "
+          f"'{initrd}' > /run/systemd/system/killcord.service.d/initrd.conf && systemctl daemon-reload && "
+          "systemctl restart killcord", timeout=300)
+    status = wait_armed(g)
+    assert status["kexec"]["initrd"] == initrd and status["kexec"]["initrd_kind"] == "explicit", status["kexec"]
+    return status
+
+
 def fill_process(g: Guest, pattern: bytes, mib: int = 128) -> int:
     """A process holding `mib` MiB of the pattern; returns the bytes written."""
     copies = mib * 1024 * 1024 // len(pattern)
@@ -132,6 +143,24 @@ def first_line_after(g: Guest, pattern: str, t0: float) -> float | None:
     return None
 
 
+def fire_line_after(g: Guest, t0: float):
+    """killcord's `fire` line after t0 (a Line), or None."""
+    return next((line for line in list(g.lines) if line.at >= t0 and "killcord: fire " in line.text), None)
+
+
+def logged_after_s(text: str) -> float:
+    """The `fire` line is written after the kill and the keys stages; it says how long after
+    the detection (logged_after_ms): subtract that from its time to get the detection's."""
+    m = re.search(r"logged_after_ms=([\d.]+)", text)
+    return float(m[1]) / 1000 if m else 0.0
+
+
+def detected_at(g: Guest, t0: float) -> float | None:
+    """Host time of killcord's detection after t0: its fire line's, less logged_after_ms."""
+    line = fire_line_after(g, t0)
+    return None if line is None else line.at - logged_after_s(line.text)
+
+
 def ms(t: float | None, t0: float) -> float | None:
     return None if t is None else round((t - t0) * 1000, 1)
 
@@ -145,7 +174,7 @@ def trigger_and_measure(g: Guest, result: Result, pattern: bytes, trigger, power
     result.powered_off = True
     result.pattern_bytes_left = pattern_bytes(g, pattern)
     uevent = first_line_after(g, r"ref-uevent: remove ", t0)
-    detect = first_line_after(g, r"killcord: fire ", t0)
+    detect = detected_at(g, t0)
     result.timings_ms = {
         "unplug_to_uevent": ms(uevent, t0),
         "unplug_to_detect": ms(detect, t0),

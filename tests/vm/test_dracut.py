@@ -92,6 +92,9 @@ def test_a_unplug_kexecs_into_the_dracut_initrd_which_wipes(installed: Installed
     result, pattern = live.Result("a-process"), live.new_pattern()
     with boot(installed, installed.out / "a-process.log") as g:
         status = armed_on_root(g, installed)
+        assert status["kexec"]["initrd_kind"] == "wipe-target", status["kexec"]  # what it stages by itself
+        # this scenario proves dracut's own initrd with killcord's module as the target
+        status = live.restage_with_initrd(g, f"/boot/initrd.img-{installed.release}")
         kexec = status["kexec"]
         assert kexec["loaded"], kexec
         # the installed kernel and the initrd dracut made for it, read from the stick at arm time

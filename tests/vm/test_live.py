@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from killcord import wipetarget
+
 from . import live
 from .image import Image
 
@@ -353,11 +355,14 @@ def test_o_keys_are_gone_right_after_the_kill(image: Image, tmp_path: Path) -> N
         key_after = g.counts_in_memory(*halves)
     fire = next(line for line in console.splitlines() if "killcord: fire " in line)
     kill_line = next(line for line in console.splitlines() if "killcord: stage stage=kill " in line)
-    detect_to_killed = round(1000 * (guest_seconds(kill_line) - guest_seconds(fire)), 1)
-    detect_to_keys_gone = round(1000 * (guest_seconds(keys_line.text) - guest_seconds(fire)), 1)
+    # The fire line is written the moment the keys stage has ended, and says how long after
+    # the detection (logged_after_ms, the daemon's clock, the guest's): the keys were gone then.
+    detect_to_keys_gone = round(1000 * live.logged_after_s(fire), 1)
+    kill_ms = float(re.search(r"stage=kill outcome=\w+ duration_ms=([\d.]+)", kill_line)[1])
+    keys_ms = float(re.search(r"stage=keys outcome=\w+ duration_ms=([\d.]+)", keys_line.text)[1])
     result.timings_ms = {"unplug_to_poweroff": round((t_off - t0) * 1000, 1),
-                         "guest_detect_to_killed": detect_to_killed,
                          "guest_detect_to_keys_gone": detect_to_keys_gone,
+                         "guest_kill_stage": kill_ms, "guest_keys_stage": keys_ms,
                          "host_keys_line_to_stop": stopped_after_ms}
     result.notes.update(keys_stage=keys_line.text.split("killcord: stage ", 1)[1][:400],
                         key_half_copies_before=key_before, key_half_copies_at_stop=key_at_stop,
@@ -366,29 +371,13 @@ def test_o_keys_are_gone_right_after_the_kill(image: Image, tmp_path: Path) -> N
                         key_half_copies_after=key_after)
     check_wiped(result, image)
     assert "outcome=done" in keys_line.text and "'name': 'secret'" in keys_line.text, keys_line.text
+    assert "realtime=ok" in fire, fire  # the kill and the keys ran SCHED_FIFO
     assert key_at_stop == [0, 0], result.as_dict()
     # the rest of RAM was not wiped yet: the killed process's pages still hold the pattern
     assert pattern_at_stop * len(pattern) >= 0.5 * result.pattern_bytes_written, result.as_dict()
     assert key_after == [0, 0]
     # detect_to_keys_gone is measured, not bounded here: issue 11 asks for 50 ms under TCG,
     # which the kill's /proc scan and the console lines before the keys stage still exceed
-
-
-def newc_archive(files: dict[str, tuple[int, bytes]]) -> bytes:
-    """A cpio archive in the kernel's initramfs format ("newc") holding `files` (path: mode,
-    content). Written here because the host has no cpio and the format is a few fields
-    (Documentation/driver-api/early-userspace/buffer-format.rst)."""
-    out = b""
-
-    def entry(ino: int, name: str, mode: int, data: bytes) -> bytes:
-        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name) + 1, 0]
-        head = b"070701" + b"".join(b"%08X" % f for f in fields) + name.encode() + b"\0"
-        head += b"\0" * (-len(head) % 4)
-        return head + data + b"\0" * (-len(data) % 4)
-
-    for ino, (name, (mode, data)) in enumerate(files.items(), start=1):
-        out += entry(ino, name, 0o100000 | mode, data)
-    return out + entry(0, "TRAILER!!!", 0, b"")
 
 
 # The target's wiper replaced for scenario m: it wipes nothing and reports what the kernel
@@ -403,14 +392,14 @@ exit 0
 def test_m_the_targets_boot_alone_clears_ram(image: Image, target_init_on_free: int) -> None:
     """What the kexec target's boot clears by itself, the wipe pass turned off. The first
     kernel runs init_on_free=0, so the killed process's pages keep the pattern until the
-    target boots. The test stages the live initrd again with killcord-wipe replaced by a
-    stand-in that wipes nothing (a cpio appended to it overrides the file) and the
+    target boots. The test stages killcord's wipe target again with killcord-wipe replaced
+    by a stand-in that wipes nothing (a cpio appended to it overrides the file) and the
     command line killcord built. With init_on_free=1 on the target (killcord's line) the
     boot alone leaves at most 16 KiB; with init_on_free=0 last (the control) most of the
     pattern survives, so the dump could have seen what the boot left."""
     name = f"m-boot-clearing-iof{target_init_on_free}"
     result, pattern = live.Result(name), live.new_pattern()
-    stub = base64.b64encode(newc_archive({"usr/lib/killcord/killcord-wipe": (0o755, NO_WIPE)})).decode()
+    stub = base64.b64encode(wipetarget.newc([("usr/lib/killcord/killcord-wipe", 0o100755, NO_WIPE, 0)])).decode()
     with live.boot(image, image.out / f"{name}.log", append="init_on_free=0") as g:
         status = live.wait_armed(g)
         staged = status["kexec"]
@@ -535,7 +524,7 @@ def test_j_suspend_keeps_armed_and_a_stick_pulled_asleep_fires_on_resume(image: 
 
         live.trigger_and_measure(g, result, pattern, pull_asleep_then_wake)
         console = g.text()
-        detect = live.first_line_after(g, r"killcord: fire ", woken[0])
+        detect = live.detected_at(g, woken[0])
     result.notes["asleep_after_unplug_ms"] = asleep * 1000
     result.notes["wakeup_to_detect_ms"] = live.ms(detect, woken[0])
     fired = [line for line in console.splitlines() if "killcord: fire " in line]
