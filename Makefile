@@ -7,7 +7,7 @@ SUITE ?= trixie bookworm
 APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libsystemd-dev util-linux e2fsprogs \
                 qemu-system-x86 qemu-utils mmdebstrap squashfs-tools zstd shellcheck busybox dmsetup
 
-.PHONY: setup test test-unit test-vm-all demo demo-dry bench clean deb
+.PHONY: setup test test-unit test-vm-all demo demo-dry bench bench-vm clean deb
 
 $(VENV)/.installed: pyproject.toml
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -39,6 +39,10 @@ demo-dry: setup             ## on this machine, dry-run: arm on a loop device, r
 bench: setup                ## trigger latency benchmarks -> out/bench/latency.json, out/bench/uevent_storm.json
 	$(PY) bench/latency.py --out out/bench/latency.json
 	$(PY) bench/uevent_storm.py --out out/bench/uevent_storm.json
+
+bench-vm: setup             ## QEMU: unplug to off, the wipe target vs the live initrd side by side (3 runs at 1 and 2 GiB, about 20 minutes) -> out/bench/vm.json
+	$(MAKE) deb SUITE=trixie
+	$(PY) bench/vm.py --out out/bench/vm.json
 
 deb:                        ## Debian packages -> out/deb/<suite>/killcord_<version>_<arch>.deb, SUITE="trixie bookworm" (root; each built and linted in a chroot of its suite)
 	bash packaging/build-deb.sh $(SUITE)

@@ -1,6 +1,7 @@
-"""The demo: a Tails-like live system boots under QEMU from a virtual USB stick, fills
-128 MiB of memory with a random pattern, and the stick is pulled. killcord kills, kexecs
-into the wiping kernel, which powers off; the guest's memory is dumped and counted.
+"""The demo: a Tails-like live system boots under QEMU from a virtual USB stick, opens a
+LUKS2 volume on a second USB drive, fills 128 MiB of memory with a random pattern, and the
+stick is pulled. killcord kills, wipes the volume key, kexecs into its wipe target, which
+powers off; the guest's memory is dumped and counted (the pattern and the volume key).
 
 Writes out/demo/result.json, out/demo/timeline.png and out/demo/console.log; prints a
 short report. Needs root, the .deb (make deb) and QEMU; builds or reuses the cached image.
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +28,7 @@ LABELS = {
     "unplug_to_uevent": "kernel uevent (reference listener)",
     "unplug_to_detect": "killcord detects",
     "unplug_to_killed": "all processes killed",
+    "unplug_to_keys_gone": "dm-crypt keys wiped",
     "unplug_to_kexec": "kexec into the wipe kernel",
     "unplug_to_wiped": "free memory wiped",
     "unplug_to_poweroff": "powered off",
@@ -65,10 +69,17 @@ def main() -> int:
     image = build(SUITE, find_deb(SUITE), log=open(OUT / "build.log", "w"))
     result, pattern = live.Result("demo"), live.new_pattern()
     print("demo: booting the live system from the virtual USB stick (TCG: about a minute)...", flush=True)
-    with live.boot(image, OUT / "console.log") as g:
+    tmp = Path(tempfile.mkdtemp(prefix="killcord-demo-"))
+    with live.boot(image, OUT / "console.log", extra_args=live.usb_drive(tmp / "luks.img", "luks", "64M")) as g:
         status = live.wait_armed(g)
+        kx = status["kexec"]
         print(f"demo: killcord armed on {status['medium']['device']} (via {status['medium']['source']}), "
-              f"kexec staged: {status['kexec']['loaded']}", flush=True)
+              f"kexec staged: {kx['loaded']}, initramfs: {kx.get('initrd_kind')} ({kx.get('initrd_bytes')} bytes)",
+              flush=True)
+        halves = live.open_luks(g)
+        key_before = g.counts_in_memory(*halves)
+        print(f"demo: a LUKS2 volume is open on a second USB drive; copies of its volume key's two halves "
+              f"in RAM: {key_before}", flush=True)
         result.free_bytes_before_fill = live.mem_free_bytes(g)
         result.pattern_bytes_written = live.fill_process(g, pattern, 128)
         result.pattern_bytes_found_before = live.pattern_bytes(g, pattern)
@@ -76,18 +87,23 @@ def main() -> int:
               f"the memory dump finds {mib(result.pattern_bytes_found_before)}", flush=True)
         print("demo: pulling the stick...", flush=True)
         live.trigger_and_measure(g, result, pattern, live.unplug_stick(g))
+        key_after = g.counts_in_memory(*halves)
+    shutil.rmtree(tmp, ignore_errors=True)
+    result.notes.update(volume_key_half_copies_before=key_before, volume_key_half_copies_after=key_after,
+                        initrd_kind=kx.get("initrd_kind"), initrd_bytes=kx.get("initrd_bytes"))
     doc = result.as_dict()
     (OUT / "result.json").write_text(json.dumps(doc, indent=2) + "\n")
     chart(result.timings_ms, OUT / "timeline.png")
 
     left = result.pattern_bytes_left or 0
-    ok = result.powered_off and left <= live.MAX_LEFT_BYTES
+    ok = result.powered_off and left <= live.MAX_LEFT_BYTES and key_after == [0, 0] and min(key_before) >= 1
     print()
     print("killcord demo report")
     print(f"  pattern written:        {mib(result.pattern_bytes_written)}")
     print(f"  found before the pull:  {mib(result.pattern_bytes_found_before)}")
     print(f"  left after:             {left} bytes (limit {live.MAX_LEFT_BYTES}; "
           f"Tails' 0.8 % of free memory would allow {mib(result.tails_limit_bytes)})")
+    print(f"  volume key halves in RAM: {key_before} before, {key_after} after")
     print(f"  guest powered itself off: {'yes' if result.powered_off else 'NO'}")
     for key, label in LABELS.items():
         value = result.timings_ms.get(key)

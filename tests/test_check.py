@@ -53,3 +53,21 @@ def test_medium_copied_to_ram_is_a_warning_not_a_failure(monkeypatch: pytest.Mon
     items = {i.name: i for i in check.run(Config(socket=tmp_path / "none.sock"), cmdline="quiet init_on_free=1")}
     assert not items["medium"].ok and not items["medium"].required
     assert items["medium"].detail.startswith("none, panic only: ") and "panic" in items["medium"].fix
+
+
+def test_crash_keys_item_warns_when_dm_crypt_keys_go_to_the_crash_kernel(tmp_path: Path) -> None:
+    """crash_dm_crypt_keys (kernels >= 6.16) copies the keys it names into kdump's reserved
+    memory. A configfs-like tree stands in for it (this kernel has none)."""
+    root, loaded = tmp_path / "crash_dm_crypt_keys", tmp_path / "kexec_crash_loaded"
+    assert check.crash_keys_item(root, loaded).ok  # no such tree: nothing copied
+    root.mkdir()
+    (root / "count").write_text("0\n")
+    assert check.crash_keys_item(root, loaded).ok
+    (root / "count").write_text("2\n")
+    loaded.write_text("1\n")
+    item = check.crash_keys_item(root, loaded)
+    assert not item.ok and not item.required
+    assert "2 dm-crypt key(s)" in item.detail and "in its reserved memory now" in item.detail
+    assert "rmdir" in item.fix
+    loaded.write_text("0\n")
+    assert "copied there when a crash kernel is loaded" in check.crash_keys_item(root, loaded).detail

@@ -3,7 +3,9 @@ that fails, raises or hangs hands over to the next one within its deadline."""
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -122,3 +124,49 @@ def test_nothing_is_logged_before_the_kill_and_the_keys(ramdir: Path, monkeypatc
     assert logged_at == {"run kill": 0, "run keys": 0, "systemd": 3, "run audit": 3}, logged_at
     assert [(e["event"], e.get("stage")) for e in logs[:3]] == [("fire", None), ("stage", "kill"), ("stage", "keys")]
     assert logs[0]["logged_after_ms"] >= 250 and logs[0]["trigger"] == m.trigger
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SCHED_FIFO needs root (CAP_SYS_NICE)")
+def test_live_kill_and_keys_run_realtime_and_the_rest_does_not(ramdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In live mode the kill and keys stages run SCHED_FIFO, the later ones (the fallback's
+    wipe among them) as normal threads. Every stage is replaced by a recorder here: nothing
+    is killed, nothing jumps; drive runs in a thread of its own, whose policy it changes.
+    The firer is built dry (it opens no sysrq, printk or drop_caches handle) and only then
+    told it is live."""
+    m = Machine(DEFAULT_DEADLINES_MS)
+    f = Firer(m, DRY_STAGED, ramdir, live=False)
+    f.live = True
+    policy: dict[str, int] = {}
+    for stage in Stage:
+        def record(deadline: float, stage: Stage = stage) -> tuple[Outcome, dict[str, object]]:
+            policy[stage.value] = os.sched_getscheduler(0)
+            return (Outcome.DONE if stage in (Stage.KILL, Stage.KEYS, Stage.AUDIT) else Outcome.FAILED), {}
+        monkeypatch.setitem(f._stages, stage, record)
+    after: list[int] = []
+
+    def firing() -> None:
+        f.drive(m.feed(Panic(0, 1)))
+        after.append(os.sched_getscheduler(0))
+    t = threading.Thread(target=firing)
+    t.start()
+    t.join(30)
+    assert policy["kill"] == policy["keys"] == os.SCHED_FIFO, policy
+    assert policy["audit"] == policy["kexec"] == policy["poweroff"] == os.SCHED_OTHER, policy
+    assert after == [os.SCHED_OTHER]
+
+
+def test_before_reboot_turns_panic_on_warn_and_oops_off(ramdir: Path, tmp_path: Path) -> None:
+    """Before the jump and the power-off: panic_on_warn and panic_on_oops to 0, then the
+    console level. Played on files standing in for the sysctls (never the host's)."""
+    m, f = firer(ramdir)
+    files = [tmp_path / "panic_on_warn", tmp_path / "panic_on_oops", tmp_path / "printk"]
+    fds = []
+    for p in files:
+        p.write_bytes(b"1")
+        fds.append(os.open(p, os.O_WRONLY))
+    f._panic_fds, f._printk_fd = fds[:2], fds[2]
+    f.before_reboot(console_level=b"7")
+    for fd in fds:
+        os.close(fd)
+    assert [p.read_bytes() for p in files] == [b"0", b"0", b"7"]
+    assert firer(ramdir)[1]._panic_fds == []  # dry-run opens none

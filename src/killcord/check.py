@@ -25,6 +25,10 @@ class Item:
 
 
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+# Kernels >= 6.16 with CONFIG_CRASH_DM_CRYPT copy the dm-crypt keys named here into the crash
+# kernel's reserved memory when a kdump kernel is loaded: a copy no wipe of ours reaches.
+CRASH_KEYS = Path("/sys/kernel/config/crash_dm_crypt_keys")
+KEXEC_CRASH_LOADED = Path("/sys/kernel/kexec_crash_loaded")
 
 
 def run(config: Config, cmdline: str | None = None, drop_caches: bool = False) -> list[Item]:
@@ -51,6 +55,7 @@ def run(config: Config, cmdline: str | None = None, drop_caches: bool = False) -
     except (OSError, ValueError) as exc:
         items.append(Item("slabinfo", False, False, f"{audit.SLABINFO}: {exc}",
                           "run as root on a kernel with CONFIG_SLUB_DEBUG (the audit stage is skipped otherwise)"))
+    items.append(crash_keys_item())
     items += _daemon_items(config, drop_caches)
     running = any(p.info["name"] == "memlockd" for p in psutil.process_iter(["name"]))
     items.append(Item("memlockd", running, False, "running" if running else "not running",
@@ -84,6 +89,29 @@ def _kexec_item(config: Config, cmdline: str) -> Item:
         return Item("kexec", False, True, "kernel.kexec_load_disabled = 1 and nothing staged",
                     "let killcord stage before anything sets kexec_load_disabled (it can lock after staging: kexec_lock = true)")
     return Item("kexec", True, True, f"stageable: {image} (not staged yet: the daemon stages it when it arms)")
+
+
+def crash_keys_item(root: Path = CRASH_KEYS, crash_loaded: Path = KEXEC_CRASH_LOADED) -> Item:
+    """dm-crypt keys set to be copied into kdump's reserved memory (crash_dm_crypt_keys)."""
+    try:
+        count = int((root / "count").read_text().strip() or 0)
+    except FileNotFoundError:
+        return Item("crash-keys", True, False, f"no {root}: no dm-crypt key is set to be copied for a crash kernel")
+    except (OSError, ValueError) as exc:
+        return Item("crash-keys", False, False, f"cannot read {root / 'count'}: {exc}", "run `killcord check` as root")
+    if count == 0:
+        return Item("crash-keys", True, False, f"{root}: no dm-crypt key is set to be copied for a crash kernel")
+    try:
+        loaded = crash_loaded.read_text().strip() == "1"
+    except OSError:
+        loaded = False
+    where = ("a crash kernel is loaded: they are in its reserved memory now" if loaded
+             else "they are copied there when a crash kernel is loaded")
+    return Item("crash-keys", False, False,
+                f"{count} dm-crypt key(s) set to be copied into the crash kernel's reserved memory ({root}); "
+                f"{where}, out of reach of the keys stage and of the wipe",
+                f"remove the key items (rmdir {root}/<item>) and keep kdump tools from adding them "
+                "(a live system has nowhere to save a crash dump anyway)")
 
 
 def _daemon_items(config: Config, drop_caches: bool) -> list[Item]:

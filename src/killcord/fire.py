@@ -22,6 +22,10 @@ StageFn = Callable[[float], tuple[Outcome, dict[str, object]]]
 
 SYSRQ_TRIGGER = "/proc/sysrq-trigger"
 PRINTK = "/proc/sys/kernel/printk"
+# Set to 0 before the jump and the power-off: with either at 1, a driver's WARN or oops in
+# the device shutdown of reboot(2) panics the kernel, which may hang there with RAM intact
+# (Kicksecure's emerg-shutdown does the same).
+PANIC_SYSCTLS = ("/proc/sys/kernel/panic_on_warn", "/proc/sys/kernel/panic_on_oops")
 GRACE_S = 0.05  # a stage that returns this late after its deadline still counts as returned
 # The poweroff stage stops wiping this long before its deadline, to leave time for the
 # reboot(2) call itself (device shutdown) to end the machine before sysrq is tried.
@@ -51,6 +55,7 @@ class Firer:
         # Opened now: at fire time nothing is looked up that could fail.
         self._sysrq_fd = _open_or_none(SYSRQ_TRIGGER) if live else None
         self._printk_fd = _open_or_none(PRINTK) if live else None
+        self._panic_fds = [fd for fd in map(_open_or_none, PANIC_SYSCTLS) if fd is not None] if live else []
         self._fallback = fallback.Handles.open(live)
         self._slabinfo_fd = audit.open_snapshot()
         self._keys_fd = keyring.open_list()
@@ -177,9 +182,7 @@ class Firer:
 
     def kexec(self, deadline: float) -> tuple[Outcome, dict[str, object]]:
         if self.live and self.staged.loaded:
-            if self._printk_fd is not None:
-                # under `quiet`, let "kexec_core: Starting new kernel" reach the console
-                _write(self._printk_fd, b"7")
+            self.before_reboot(console_level=b"7")  # under `quiet`: "kexec_core: Starting new kernel" shows
             log.critical("kexec", kernel=self.staged.kernel)  # the last word before the jump
         return kexec.execute(self.staged, self.live)
 
@@ -191,11 +194,11 @@ class Firer:
             wait_s = self.machine.deadlines_ms[Stage.KILL] / 1000
             reaped = kill.finish(min(deadline - POWEROFF_MARGIN_S, time.monotonic() + wait_s),
                                  self.live, self._kill_began).as_dict()
-        if self.live and self._printk_fd is not None:
+        if self.live:
             # Only crit and worse on the console from now on: services PID 1 restarts from
             # the missing medium flood it with errors (SQUASHFS: EIO), and a console that
             # falls behind drops messages, our last line among them (seen in scenario g).
-            _write(self._printk_fd, b"3")
+            self.before_reboot(console_level=b"3")
         # Frees, wipes and powers off from this process, which is already in RAM: see
         # fallback.py for why PID 1's systemd-shutdown is not trusted with it.
         wiped, detail = fallback.run(self._fallback, deadline - POWEROFF_MARGIN_S, self.live)
@@ -211,6 +214,14 @@ class Firer:
                      reaped=detail.get("reaped"))
         detail["error"] = fallback.power_off()
         return Outcome.FAILED, detail
+
+    def before_reboot(self, console_level: bytes) -> None:
+        """Ahead of reboot(2): no panic on a WARN or an oops in the shutdown path, and the
+        console level (through descriptors opened at arm time)."""
+        for fd in self._panic_fds:
+            _write(fd, b"0")
+        if self._printk_fd is not None:
+            _write(self._printk_fd, console_level)
 
     def sysrq(self, deadline: float) -> tuple[Outcome, dict[str, object]]:
         if not self.live:

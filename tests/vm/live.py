@@ -94,6 +94,36 @@ def device_of_size(g: Guest, size: int) -> str:
     return "/dev/" + names[0]
 
 
+def volume_key(luks_dump: str) -> bytes:
+    """The volume key from `cryptsetup luksDump --dump-volume-key` ("MK dump:" hex lines)."""
+    hexes: list[str] = []
+    lines = luks_dump.splitlines()
+    for i, line in enumerate(lines):
+        if "MK dump:" in line:
+            hexes += line.split("MK dump:", 1)[1].split()
+            for cont in lines[i + 1:]:
+                tokens = cont.split()
+                if not tokens or not all(len(t) == 2 for t in tokens):
+                    break
+                hexes += tokens
+            break
+    return bytes.fromhex("".join(hexes))
+
+
+def open_luks(g, size: int = 64 << 20) -> tuple[bytes, bytes]:
+    """A LUKS2 volume on the drive of `size` bytes (live.usb_drive), opened as
+    /dev/mapper/secret with ext4 mounted on /mnt/secret; returns its volume key's two
+    halves: aes-xts keeps them apart (one AES key schedule each), so each is counted."""
+    dev = device_of_size(g, size)
+    g.run(f"printf secret | cryptsetup luksFormat --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 "
+          f"--batch-mode {dev} - && printf secret | cryptsetup open {dev} secret --key-file - && "
+          "mkfs.ext4 -q /dev/mapper/secret && mkdir -p /mnt/secret && mount /dev/mapper/secret /mnt/secret")
+    key = volume_key(g.run(f"printf secret | cryptsetup luksDump --dump-volume-key --batch-mode "
+                           f"--key-file - {dev}")["out"])
+    assert len(key) == 64  # aes-xts-plain64, 512 bits
+    return key[:32], key[32:]
+
+
 def wait_armed(g: Guest, timeout: float = 400) -> dict:
     g.wait_agent(timeout)
     reply = g.run("end=$(( $(date +%s) + 300 )); while [ $(date +%s) -lt $end ]; do "
@@ -161,6 +191,12 @@ def detected_at(g: Guest, t0: float) -> float | None:
     return None if line is None else line.at - logged_after_s(line.text)
 
 
+def stage_seconds(text: str) -> float | None:
+    """A stage line's duration_ms, in seconds."""
+    m = re.search(r"duration_ms=([\d.]+)", text)
+    return float(m[1]) / 1000 if m else None
+
+
 def ms(t: float | None, t0: float) -> float | None:
     return None if t is None else round((t - t0) * 1000, 1)
 
@@ -175,10 +211,16 @@ def trigger_and_measure(g: Guest, result: Result, pattern: bytes, trigger, power
     result.pattern_bytes_left = pattern_bytes(g, pattern)
     uevent = first_line_after(g, r"ref-uevent: remove ", t0)
     detect = detected_at(g, t0)
+    fire = fire_line_after(g, t0)
+    kill_line = next((line for line in list(g.lines) if line.at >= t0 and "killcord: stage stage=kill " in line.text), None)
+    kill_s = stage_seconds(kill_line.text) if kill_line else None
     result.timings_ms = {
         "unplug_to_uevent": ms(uevent, t0),
         "unplug_to_detect": ms(detect, t0),
-        "unplug_to_killed": ms(first_line_after(g, r"killcord: stage stage=kill ", t0), t0),
+        # the kill and keys stages' lines are written after both ran (fire.py): the kill's end
+        # is the detection plus its duration; the keys were gone when the fire line was written
+        "unplug_to_killed": ms(None if detect is None or kill_s is None else detect + kill_s, t0),
+        "unplug_to_keys_gone": ms(fire.at if fire else None, t0),
         # killcord's own line right before reboot(2); the kernel's may be lost in the jump
         "unplug_to_kexec": ms(first_line_after(g, r"killcord: kexec |kexec_core: Starting new kernel", t0), t0),
         # the target's wiper, or the daemon's own fallback when kexec could not run

@@ -263,22 +263,6 @@ def test_anti_without_killcord_a_reset_keeps_the_pattern(image: Image) -> None:
     assert result.pattern_bytes_left >= 0.90 * result.pattern_bytes_written, result.as_dict()
 
 
-def volume_key(luks_dump: str) -> bytes:
-    """The volume key from `cryptsetup luksDump --dump-volume-key` ("MK dump:" hex lines)."""
-    hexes: list[str] = []
-    lines = luks_dump.splitlines()
-    for i, line in enumerate(lines):
-        if "MK dump:" in line:
-            hexes += line.split("MK dump:", 1)[1].split()
-            for cont in lines[i + 1:]:
-                tokens = cont.split()
-                if not tokens or not all(len(t) == 2 for t in tokens):
-                    break
-                hexes += tokens
-            break
-    return bytes.fromhex("".join(hexes))
-
-
 def test_e_luks_caches_and_volume_key_are_gone(image: Image, tmp_path: Path) -> None:
     extra = live.usb_drive(tmp_path / "luks.img", "luks", "64M")
     result, pattern = live.Result("e-luks"), live.new_pattern()
@@ -288,7 +272,7 @@ def test_e_luks_caches_and_volume_key_are_gone(image: Image, tmp_path: Path) -> 
     with live.boot(image, image.out / "e-luks.log", extra_args=extra) as g:
         live.wait_armed(g)
         result.free_bytes_before_fill = live.mem_free_bytes(g)
-        halves = open_luks(g)
+        halves = live.open_luks(g)
         # read cache: written, flushed, dropped, read back; write cache: written, not flushed
         g.run(write.format("read-cache") + " && sync && echo 3 > /proc/sys/vm/drop_caches && "
               "cat /mnt/secret/read-cache > /dev/null && " + write.format("write-cache"))
@@ -301,20 +285,6 @@ def test_e_luks_caches_and_volume_key_are_gone(image: Image, tmp_path: Path) -> 
     result.notes.update(volume_key_half_copies_before=key_before, volume_key_half_copies_after=key_after)
     check_wiped(result, image)
     assert key_after == [0, 0]
-
-
-def open_luks(g, size: int = 64 << 20) -> tuple[bytes, bytes]:
-    """A LUKS2 volume on the drive of `size` bytes (live.usb_drive), opened as
-    /dev/mapper/secret with ext4 mounted on /mnt/secret; returns its volume key's two
-    halves: aes-xts keeps them apart (one AES key schedule each), so each is counted."""
-    dev = live.device_of_size(g, size)
-    g.run(f"printf secret | cryptsetup luksFormat --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 "
-          f"--batch-mode {dev} - && printf secret | cryptsetup open {dev} secret --key-file - && "
-          "mkfs.ext4 -q /dev/mapper/secret && mkdir -p /mnt/secret && mount /dev/mapper/secret /mnt/secret")
-    key = volume_key(g.run(f"printf secret | cryptsetup luksDump --dump-volume-key --batch-mode "
-                           f"--key-file - {dev}")["out"])
-    assert len(key) == 64  # aes-xts-plain64, 512 bits
-    return key[:32], key[32:]
 
 
 GUEST_TS = re.compile(r"\[\s*(\d+\.\d+)\]")
@@ -337,7 +307,7 @@ def test_o_keys_are_gone_right_after_the_kill(image: Image, tmp_path: Path) -> N
     result, pattern = live.Result("o-keys-first"), live.new_pattern()
     with live.boot(image, image.out / "o-keys-first.log", extra_args=extra, append="init_on_free=0") as g:
         live.wait_armed(g)
-        halves = open_luks(g)
+        halves = live.open_luks(g)
         fill_and_control(g, result, pattern)
         key_before = g.counts_in_memory(*halves)
         assert min(key_before) >= 1
