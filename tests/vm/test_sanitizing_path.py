@@ -20,7 +20,7 @@ import pytest
 
 from . import live
 from .image import Image
-from .qemu import Guest
+from .qemu import Guest, GuestCrashedBooting
 
 pytestmark = [
     pytest.mark.vm,
@@ -61,6 +61,16 @@ def test_wipe_mode_wipes_reports_and_powers_off(image: Image) -> None:
     assert method == "fallocate"  # the target runs with init_on_alloc=1: the kernel zeroes each page
     record(image, "wipe-mode", {"guest_mib": total, "free_mib": free, "reserve_mib": reserve, "wiped_mib": wiped,
                          "method": method, "seconds": seconds, "mib_per_s": rate, "powered_off": rc == 0})
+
+
+def test_package_harness_tells_a_guest_kernel_crash_from_a_timeout(image: Image) -> None:
+    """The harness's own check (qemu.py): a guest kernel that dies before its agent answers
+    is GuestCrashedBooting, the one error pytest reruns once, not a timeout. Here the
+    kernel has no root to mount and panics by design."""
+    with Guest(["-kernel", str(image.vmlinux), "-append", "console=ttyS0 root=/dev/nothing panic=-1"],
+               memory_mib=256, log=image.out / "harness-crash.log", agent=True) as g:
+        with pytest.raises(GuestCrashedBooting, match="Kernel panic"):
+            g.wait_agent(120)
 
 
 def wipe_target_of(image: Image, dest: Path) -> Path:
