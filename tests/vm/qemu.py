@@ -279,6 +279,10 @@ class Guest:
         # back: an echo has our id but no rc
         return msg.get("id") == self._agent_id and "rc" in msg
 
+    def _panic(self) -> str | None:
+        with self._cond:
+            return next((line.text for line in self.lines if "Kernel panic - not syncing" in line.text), None)
+
     def wait_agent(self, timeout: float) -> float:
         """Until the guest's agent answers; returns the host time it did."""
         end = time.monotonic() + timeout
@@ -292,23 +296,25 @@ class Guest:
                 if time.monotonic() > end:
                     raise TimeoutError("agent socket never appeared") from None
                 time.sleep(0.2)
-        while time.monotonic() < end:
+        while time.monotonic() < end and self._panic() is None:
             self._agent_id += 1
             try:
                 self._agent.sendall(json.dumps({"id": self._agent_id, "cmd": "true"}).encode() + b"\n")
                 reply = self._agent_line(2.0)
                 while reply is not None and not self._is_reply(reply):
                     reply = self._agent_line(0.5)
-            except (OSError, RuntimeError):  # qemu went away: its socket closed
-                self.proc.wait(10)
+            except (OSError, RuntimeError):  # qemu gone (socket closed), or a hung guest's full buffer
                 break
             if reply is not None:
                 return time.monotonic()
             if self.proc.poll() is not None:
+                self._reader.join(5)  # the console to its end
                 break
-        self._reader.join(5)  # the console to its end
-        status = self.status() if self.proc.poll() is None else f"qemu exited ({self.proc.returncode})"
-        panic = next((line.text for line in self.lines if "Kernel panic" in line.text), None)
+        try:
+            status = self.status() if self.proc.poll() is None else f"qemu exited ({self.proc.returncode})"
+        except (OSError, RuntimeError):  # exiting right now (a panic with panic=-1 and -no-reboot)
+            status = "qemu exiting"
+        panic = self._panic()
         if panic is not None:
             first = next(line.text for line in self.lines if "Oops" in line.text or "Kernel panic" in line.text)
             raise GuestCrashedBooting(f"the guest kernel crashed before its agent answered ({first.strip()}; "
