@@ -379,7 +379,7 @@ def test_a_medium_copied_to_ram_arms_for_panic_only(ramdir: Path, monkeypatch: p
         assert st.medium_note is not None and "panic only" in st.medium_note and "toram" in st.medium_note
         assert d.machine.watched == frozenset()
         assert "medium:   none (armed for panic only" in cli._render_status(st)
-        reply, then = d.cmd_panic(control.Peer(1, 0, 0, ()))
+        reply, then = d.cmd_panic(control.Peer(1, 0, 0, ()), control.Request(control.COMMANDS["panic"]))
         assert isinstance(reply, control.PanicReply) and reply.state == "firing" and then is not None
         d.feed(then)
         assert d.machine.state.value == "fired"

@@ -17,14 +17,18 @@ from killcord.events import (
     SUCCESS,
     TERMINAL_STAGES,
     Armed,
+    CheckMedium,
+    Disarm,
     Finished,
     MediumCheck,
     Outcome,
     Panic,
+    Rearm,
     RunStage,
     Stage,
     StageEnded,
     State,
+    Tick,
     Uevent,
 )
 from killcord.machine import Machine, uevent_fires
@@ -204,6 +208,9 @@ external = st.one_of(
     st.builds(MediumCheck, st.booleans(), st.sampled_from(["start", "enobufs", "resume"])),
     st.builds(Armed, st.frozensets(devpaths, max_size=4), st.frozensets(devpaths, max_size=2)),
     st.builds(StageEnded, st.sampled_from(STAGES), st.sampled_from(list(Outcome)), st.floats(0, 1e4)),
+    st.builds(Disarm, st.floats(0, 100), st.integers(0, 2000), st.sampled_from(["", "moving the stick"])),
+    st.builds(Rearm, st.integers(0, 2000)),
+    st.builds(Tick, st.floats(0, 100)),
 )
 outcome_lists = st.lists(st.sampled_from(list(Outcome)), min_size=len(STAGES), max_size=len(STAGES))
 
@@ -216,7 +223,9 @@ def test_every_triggered_sequence_finishes_in_order_with_the_kill_first(
     actions: list = []
     for ev in before:
         got = m.feed(ev)
-        if m.state is State.ARMING or m.state is State.ARMED:
+        if got and isinstance(got[0], CheckMedium):  # a disarm ended: a look, not a trigger
+            assert got == [CheckMedium(got[0].reason)] and m.state is State.ARMED
+        elif m.state in (State.ARMING, State.ARMED, State.DISARMED):
             assert got == []  # nothing happens before a trigger
         elif got:
             actions = got
@@ -267,7 +276,9 @@ class MachineModel(RuleBasedStateMachine):
     def _take(self, actions: list) -> None:
         assert len(actions) <= 1
         for a in actions:
-            if isinstance(a, Finished):
+            if isinstance(a, CheckMedium):  # only when a disarm ends, back to armed
+                assert self.pending is None and self.m.state is State.ARMED
+            elif isinstance(a, Finished):
                 self.finished += 1
                 self.pending = None
             else:
@@ -300,9 +311,63 @@ class MachineModel(RuleBasedStateMachine):
         assert (self.m.state is State.FIRED) == (self.finished == 1)
         if self.m.state is State.FIRING:
             assert self.pending is not None
+        assert (self.m.state is State.DISARMED) == (self.m.disarmed_until is not None)
         if self.ran:
             assert self.ran[0] is Stage.KILL and self.m.trigger is not None
 
 
 TestMachineModel = MachineModel.TestCase
 TestMachineModel.settings = settings(max_examples=300, stateful_step_count=40)
+
+
+# ---- disarm: a while without the cord, never without panic ----
+
+held = st.one_of(
+    st.builds(Uevent, st.sampled_from(["remove", "change"]), st.sampled_from([DISK, PART, USB]),
+              st.just("block"), st.just("disk"), st.just(False)),
+    st.builds(MediumCheck, st.just(False), st.sampled_from(["enobufs", "uevent backlog", "resume"])),
+    st.builds(Tick, st.floats(0, 9.999)),
+    st.builds(Disarm, st.floats(0, 9.999), st.integers(0, 2000)),  # a new disarm replaces the time
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(held, max_size=30), st.booleans())
+def test_disarmed_nothing_but_panic_fires_then_a_missing_medium_does(events: list, medium_back: bool) -> None:
+    m = armed()
+    assert m.feed(Disarm(10.0, 0, "moving the stick")) == [] and m.state is State.DISARMED
+    for ev in events:
+        assert m.feed(ev) == []
+        assert m.state is State.DISARMED
+        if isinstance(ev, Disarm):
+            assert m.feed(Disarm(10.0, 0)) == []  # back to the test's end time
+    # what would have fired when armed (a disk's `change` never does unless media-watched)
+    assert m.held_triggers == sum(isinstance(e, MediumCheck) or (isinstance(e, Uevent) and e.action == "remove")
+                                  for e in events)
+    assert m.feed(Tick(10.0)) == [CheckMedium("disarm ended")] and m.state is State.ARMED
+    got = m.feed(MediumCheck(medium_back, "disarm ended"))
+    assert got == ([] if medium_back else [RunStage(Stage.KILL, DEFAULT_DEADLINES_MS[Stage.KILL])])
+
+
+def test_a_panic_fires_while_disarmed() -> None:
+    m = armed()
+    m.feed(Disarm(10.0, 1000, "x"))
+    assert m.feed(Panic(0, 1)) == [RunStage(Stage.KILL, DEFAULT_DEADLINES_MS[Stage.KILL])]
+    assert m.state is State.FIRING and m.disarmed_until is None
+    assert m.feed(Tick(11.0)) == [] and m.feed(Rearm(0)) == []  # the sequence goes on
+
+
+def test_arm_ends_a_disarm_early_and_looks_at_the_medium() -> None:
+    m = armed()
+    assert m.feed(Rearm(0)) == []  # not disarmed: nothing to end
+    m.feed(Disarm(10.0, 0))
+    assert m.feed(Rearm(1000)) == [CheckMedium("re-armed by uid 1000")] and m.state is State.ARMED
+    assert m.feed(Uevent("remove", DISK))[0] == RunStage(Stage.KILL, DEFAULT_DEADLINES_MS[Stage.KILL])
+
+
+def test_only_an_armed_machine_disarms() -> None:
+    m = Machine(DEFAULT_DEADLINES_MS)
+    assert m.feed(Disarm(10.0, 0)) == [] and m.state is State.ARMING
+    m = armed()
+    m.feed(Panic(0, 1))
+    assert m.feed(Disarm(10.0, 0)) == [] and m.state is State.FIRING

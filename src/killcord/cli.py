@@ -1,5 +1,5 @@
-"""The commands: daemon, panic, recheck, status, check, slabinfo-diff, memlock-config,
-wipe-target.
+"""The commands: daemon, panic, recheck, disarm, arm, status, check, slabinfo-diff,
+memlock-config, wipe-target.
 
 Exit codes: 0 ok, 1 a check or request failed, 2 bad configuration or arguments,
 3 refused to arm, 4 no daemon running, 13 permission denied.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -105,6 +106,51 @@ def cmd_recheck(args: argparse.Namespace) -> int:
     return 0
 
 
+def duration(text: str) -> int:
+    """'90', '90s', '5m' or '5min' -> seconds (argparse type: a bad value names itself and the forms)."""
+    m = re.fullmatch(r"(\d{1,6})\s*(s|m|min)?", text.strip())
+    if not m or int(m[1]) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; give whole seconds or minutes, "
+                                         "e.g. 60, 60s, 5m")
+    return int(m[1]) * (60 if m[2] in ("m", "min") else 1)
+
+
+def _ask(args: argparse.Namespace, cmd: str, want: type, **request: object) -> object:
+    """The daemon's typed reply to `cmd`, or the exit code after saying why there is none."""
+    from killcord import control
+
+    try:
+        reply = control.request(_config(args).socket, cmd, **request)
+    except control.NoAnswer as exc:
+        return _err(str(exc), EXIT_NO_DAEMON)
+    if not isinstance(reply, want):
+        assert isinstance(reply, control.ErrorReply)
+        return _err(reply.error, EXIT_DENIED if reply.error.startswith("permission denied") else EXIT_FAILED)
+    return reply
+
+
+def cmd_disarm(args: argparse.Namespace) -> int:
+    from killcord import control
+
+    reply = _ask(args, "disarm", control.DisarmReply, seconds=args.seconds, reason=args.reason)
+    if not isinstance(reply, control.DisarmReply):
+        return reply  # type: ignore[return-value]  (the exit code)
+    print(f"killcord: disarmed for {reply.seconds} s, until {time.strftime('%H:%M:%S', time.localtime(reply.until))}: "
+          "removing the medium does not fire meanwhile (`killcord panic` still does). Then it re-arms by itself "
+          "and fires if the medium is not back; `killcord arm` ends this early.")
+    return 0
+
+
+def cmd_arm(args: argparse.Namespace) -> int:
+    from killcord import control
+
+    reply = _ask(args, "arm", control.ArmReply)
+    if not isinstance(reply, control.ArmReply):
+        return reply  # type: ignore[return-value]  (the exit code)
+    print(f"killcord: {reply.state}" + (f": {reply.note}" if reply.note else ""))
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from killcord import control
 
@@ -130,6 +176,11 @@ def _render_status(s) -> str:  # noqa: ANN001  (control.StatusReply)
     kx = s.kexec or {}
     res = s.resident or {}
     lines = [f"state:    {s.state} ({s.mode}), pid {s.pid}, version {s.version}"]
+    if s.disarmed:
+        d = s.disarmed
+        lines.append(f"disarmed: {d['seconds_left']} s left, by uid {d['uid']}"
+                     + (f" ({d['reason']})" if d.get("reason") else "")
+                     + f"; {d['held_triggers']} removal(s) held; panic still fires")
     if med:
         lines.append(f"medium:   {med.get('device')} via {med.get('source')}")
     else:
@@ -248,6 +299,15 @@ def parser() -> argparse.ArgumentParser:
                    description="Ask the daemon to fire; without a daemon, root fires here.")
     sub.add_parser("recheck", help="make the daemon re-check the medium now (root; run after resume)",
                    description="The daemon looks for the medium in sysfs and fires if it is gone.")
+    sp = sub.add_parser("disarm", help="stand down for a while (root or panic_group): pulling the medium does not fire",
+                        description="Until the time runs out, removing the medium does not fire (to move the "
+                        "stick to another port, say); `killcord panic` still does. Then killcord re-arms by "
+                        "itself: if the medium is back it stays armed, if not it fires. Capped by disarm_max_s.")
+    sp.add_argument("--for", dest="seconds", type=duration, required=True, metavar="DURATION",
+                    help="how long: 60, 60s or 5m")
+    sp.add_argument("--reason", default="", help="said in the journal and in `status` (at most 100 characters)")
+    sub.add_parser("arm", help="end a disarm now (root or panic_group)",
+                   description="Re-arm at once; if the medium is gone, this fires.")
     for name, text in (("status", "the daemon's state, medium, kexec, residency, events and stages"),
                        ("check", "preflight: is everything in place to protect this system?")):
         sp = sub.add_parser(name, help=text, description=text)
@@ -275,7 +335,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"daemon": cmd_daemon, "panic": cmd_panic, "recheck": cmd_recheck, "status": cmd_status, "check": cmd_check,
+COMMANDS = {"daemon": cmd_daemon, "panic": cmd_panic, "recheck": cmd_recheck, "disarm": cmd_disarm, "arm": cmd_arm,
+            "status": cmd_status, "check": cmd_check,
             "slabinfo-diff": cmd_slabinfo_diff, "memlock-config": cmd_memlock_config, "wipe-target": cmd_wipe_target}
 
 

@@ -21,6 +21,7 @@ from pydantic_settings import (
 )
 
 from killcord import cmdline
+from killcord.control import MAX_DISARM_S
 from killcord.events import STAGES, Stage
 
 DEFAULT_PATH = Path("/etc/killcord/killcord.toml")
@@ -58,6 +59,7 @@ class Config(BaseSettings):
     kexec_lock: bool = False
     stage_deadlines_ms: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_DEADLINES_MS))
     cord: str | None = None
+    disarm_max_s: int = 300  # the longest `killcord disarm --for` allowed
     live_medium_mount: Path = Path("/run/live/medium")
 
     @classmethod
@@ -128,6 +130,13 @@ class Config(BaseSettings):
             f"{v!r} is not a cord; use serial:<serial>@<usb port path>, e.g. serial:AB12CD@1-1.2 "
             "(never VID:PID alone: anyone can spoof it)"
         )
+
+    @field_validator("disarm_max_s")
+    @classmethod
+    def _disarm_max(cls, v: int) -> int:
+        if not 1 <= v <= MAX_DISARM_S:
+            raise ValueError(f"{v} is not 1 to {MAX_DISARM_S} seconds")
+        return v
 
     @field_validator("stage_deadlines_ms", mode="before")
     @classmethod

@@ -48,6 +48,11 @@ class Command:
     name: str
     privilege: Privilege
     help: str
+    args: tuple[str, ...] = ()  # the arguments it takes; parse_request checks each
+
+
+MAX_DISARM_S = 86_400  # what a request may say at all; the daemon's disarm_max_s caps it further
+MAX_REASON = 100
 
 
 # The one table: every command the daemon answers, and who may send it.
@@ -55,7 +60,17 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("status", Privilege.ANYONE, "the daemon's state, medium, kexec, residency, events and stages"),
     Command("panic", Privilege.PANIC, "fire now"),
     Command("recheck", Privilege.ROOT, "re-check the medium in sysfs now (after resume)"),
+    Command("disarm", Privilege.PANIC, "stand down for `seconds`: removing the medium does not fire, panic still "
+            "does; then re-arm (and fire if the medium is gone)", ("seconds", "reason")),
+    Command("arm", Privilege.PANIC, "end a disarm now (and fire if the medium is gone)"),
 )}
+
+
+@dataclass(frozen=True)
+class Request:
+    command: Command
+    seconds: int | None = None  # disarm
+    reason: str = ""  # disarm
 
 
 # ---- replies ----
@@ -83,6 +98,7 @@ class StatusReply:
     stages: list[dict[str, Any]]
     ignored_triggers: int
     medium_note: str | None = None  # why no medium is watched (e.g. copied to RAM: panic only)
+    disarmed: dict[str, Any] | None = None  # while disarmed: seconds_left, until, reason, uid, held_triggers
     clients: dict[str, int] | None = None  # control connections: open, evicted, expired
     ok: bool = True
 
@@ -102,9 +118,25 @@ class RecheckReply:
     ok: bool = True
 
 
-Reply = ErrorReply | StatusReply | PanicReply | RecheckReply
-REPLY_TYPES: dict[str, type[StatusReply] | type[PanicReply] | type[RecheckReply]] = {
-    "status": StatusReply, "panic": PanicReply, "recheck": RecheckReply}
+@dataclass(frozen=True)
+class DisarmReply:
+    state: str
+    seconds: int
+    until: float  # wall clock (time.time())
+    reason: str = ""
+    ok: bool = True
+
+
+@dataclass(frozen=True)
+class ArmReply:
+    state: str
+    note: str = ""
+    ok: bool = True
+
+
+Reply = ErrorReply | StatusReply | PanicReply | RecheckReply | DisarmReply | ArmReply
+REPLY_TYPES: dict[str, type] = {
+    "status": StatusReply, "panic": PanicReply, "recheck": RecheckReply, "disarm": DisarmReply, "arm": ArmReply}
 assert REPLY_TYPES.keys() == COMMANDS.keys()
 
 
@@ -171,17 +203,28 @@ def refusal(command: Command, peer: Peer, panic_gid: int | None, panic_group: st
     return ErrorReply(f"permission denied: uid {peer.uid} may not {command.name} (only {who})")
 
 
-def parse_request(line: bytes) -> Command:
-    """The command of one request line; ValueError (naming the commands) on anything else."""
+def parse_request(line: bytes) -> Request:
+    """One request line; ValueError (naming what is allowed) on anything else."""
     try:
         request = json.loads(line)
     except (ValueError, RecursionError):  # RecursionError: deeply nested input
         raise ValueError(f"not a JSON request: {line[:60]!r}") from None
     cmd = request.get("cmd") if isinstance(request, dict) else None
-    if not isinstance(cmd, str) or cmd not in COMMANDS or len(request) != 1:
+    if not isinstance(cmd, str) or cmd not in COMMANDS:
         raise ValueError(f"unknown request {line[:60]!r}; send {{\"cmd\": NAME}} with NAME one of "
                          f"{', '.join(COMMANDS)}")
-    return COMMANDS[cmd]
+    command = COMMANDS[cmd]
+    extra = set(request) - {"cmd", *command.args}
+    if extra:
+        raise ValueError(f"{cmd} takes {', '.join(command.args) or 'no arguments'}, not {', '.join(sorted(extra))}")
+    if cmd != "disarm":
+        return Request(command)
+    seconds, reason = request.get("seconds"), request.get("reason", "")
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or not 1 <= seconds <= MAX_DISARM_S:
+        raise ValueError(f"disarm: seconds = {seconds!r}; give whole seconds, 1 to {MAX_DISARM_S}")
+    if not isinstance(reason, str) or len(reason) > MAX_REASON or not reason.isprintable():
+        raise ValueError(f"disarm: the reason must be printable text of at most {MAX_REASON} characters")
+    return Request(command, seconds, reason)
 
 
 # ---- the daemon side ----
@@ -202,8 +245,8 @@ class Client:
     def fileno(self) -> int:
         return self.conn.fileno()
 
-    def read(self) -> Command | None:
-        """The command once a whole line arrived, None if more is to come; ValueError on a
+    def read(self) -> Request | None:
+        """The request once a whole line arrived, None if more is to come; ValueError on a
         bad request, ConnectionError if the peer went away."""
         try:
             chunk = self.conn.recv(MAX_REQUEST + 1)
@@ -360,8 +403,8 @@ class NoAnswer(Exception):
 DaemonUnavailable = NoAnswer  # the former name
 
 
-def request(path: Path, cmd: str, timeout: float = 5.0) -> Reply:
-    """Send `cmd` and wait at most `timeout` seconds in all for its typed reply (or an
+def request(path: Path, cmd: str, timeout: float = 5.0, **args: object) -> Reply:
+    """Send `cmd` (with `args`, for the commands that take some) and wait at most `timeout` seconds in all for its typed reply (or an
     ErrorReply). Raises NoAnswer on anything else, never a bare OSError or ValueError."""
     end = time.monotonic() + timeout
     try:
@@ -372,7 +415,7 @@ def request(path: Path, cmd: str, timeout: float = 5.0) -> Reply:
         try:
             sock.settimeout(timeout)
             sock.connect(str(path))
-            sock.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+            sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
             data = b""
             while not data.endswith(b"\n") and len(data) < MAX_REPLY:
                 left = end - time.monotonic()

@@ -20,7 +20,7 @@ import structlog
 
 from killcord import __version__, arm_fds, control, kexec, log, medium, resident, statedir, watch
 from killcord.config import Config
-from killcord.events import Armed, Event, MediumCheck, Panic, State, Uevent
+from killcord.events import Armed, CheckMedium, Disarm, Event, MediumCheck, Panic, Rearm, State, Tick, Uevent
 from killcord.fire import Firer
 from killcord.machine import Machine
 
@@ -73,8 +73,9 @@ class Daemon:
         self._overflow_logged = float("-inf")
         self.sel: selectors.BaseSelector = selectors.DefaultSelector()
         # One handler per entry of control.COMMANDS (who may send each is decided there).
-        self.handlers: dict[str, Callable[[control.Peer], tuple[control.Reply, Event | None]]] = {
-            "status": self.cmd_status, "panic": self.cmd_panic, "recheck": self.cmd_recheck}
+        self.handlers: dict[str, Callable[[control.Peer, control.Request], tuple[control.Reply, Event | None]]] = {
+            "status": self.cmd_status, "panic": self.cmd_panic, "recheck": self.cmd_recheck,
+            "disarm": self.cmd_disarm, "arm": self.cmd_arm}
         assert self.handlers.keys() == control.COMMANDS.keys()
 
     # ---- arming ----
@@ -215,6 +216,9 @@ class Daemon:
                     self.on_client(key.data, mask)
             for client in self.server.overdue(time.monotonic()):
                 self._drop(client)
+            until = self.machine.disarmed_until
+            if until is not None and time.monotonic() >= until:
+                self.feed(Tick(time.monotonic()))  # the disarm ran out: the machine asks for a look
             if interval is not None and time.monotonic() - last_ping >= interval:
                 log.notify(WATCHDOG=1)
                 last_ping = time.monotonic()
@@ -228,6 +232,8 @@ class Daemon:
         deadline = self.server.next_deadline() if self.server else None
         if deadline is not None:
             waits.append(deadline - now)
+        if self.machine.disarmed_until is not None:
+            waits.append(self.machine.disarmed_until - now)
         return max(0.0, min(waits)) if waits else None
 
     def _stop(self, signum: int, _frame: Any) -> None:
@@ -325,18 +331,19 @@ class Daemon:
                     self._drop(client)
                 return
             try:
-                command = client.read()
+                request = client.read()
             except ValueError as exc:
                 self._reply(client, control.ErrorReply(str(exc)))
                 return
-            if command is None:
+            if request is None:
                 return  # more to come, before the deadline
+            command = request.command
             refused = control.refusal(command, client.peer, self.panic_gid, self.config.panic_group)
             if refused is not None:
                 self._log_refusal(command.name, client.peer)
                 self._reply(client, refused)
                 return
-            reply, then = self.handlers[command.name](client.peer)
+            reply, then = self.handlers[command.name](client.peer, request)
             self._reply(client, reply)
         except OSError:
             self._drop(client)  # reset, broken pipe: that client is gone
@@ -358,15 +365,35 @@ class Daemon:
         logger.warning(f"{cmd}_refused", uid=peer.uid, pid=peer.pid, not_logged=suppressed)
         self.refusals[cmd] = (now, 0)
 
-    def cmd_status(self, peer: control.Peer) -> tuple[control.Reply, Event | None]:
+    def cmd_status(self, peer: control.Peer, request: control.Request) -> tuple[control.Reply, Event | None]:
         return self.status(), None
 
-    def cmd_recheck(self, peer: control.Peer) -> tuple[control.Reply, Event | None]:
+    def cmd_disarm(self, peer: control.Peer, request: control.Request) -> tuple[control.Reply, Event | None]:
+        assert request.seconds is not None
+        cap = self.config.disarm_max_s
+        if request.seconds > cap:
+            return control.ErrorReply(f"disarm for {request.seconds} s refused: at most disarm_max_s = {cap} s "
+                                      "(/etc/killcord/killcord.toml); ask for less"), None
+        if self.machine.state not in (State.ARMED, State.DISARMED):
+            return control.ErrorReply(f"cannot disarm: killcord is {self.machine.state.value}"), None
+        logger.warning("disarm", uid=peer.uid, pid=peer.pid, seconds=request.seconds, reason=request.reason)
+        self.feed(Disarm(time.monotonic() + request.seconds, peer.uid, request.reason))
+        return control.DisarmReply(self.machine.state.value, request.seconds, time.time() + request.seconds,
+                                   request.reason), None
+
+    def cmd_arm(self, peer: control.Peer, request: control.Request) -> tuple[control.Reply, Event | None]:
+        if self.machine.state is not State.DISARMED:
+            return control.ArmReply(self.machine.state.value, "not disarmed: nothing to end"), None
+        logger.warning("arm", uid=peer.uid, pid=peer.pid)
+        # after the reply: the machine looks at the medium, and fires if it is gone
+        return control.ArmReply(State.ARMED.value, "re-armed; the medium is checked now"), Rearm(peer.uid)
+
+    def cmd_recheck(self, peer: control.Peer, request: control.Request) -> tuple[control.Reply, Event | None]:
         logger.info("recheck", uid=peer.uid, reason="requested")
         self.recheck("resume")
         return control.RecheckReply(self.machine.state.value, self.machine.trigger), None
 
-    def cmd_panic(self, peer: control.Peer) -> tuple[control.Reply, Event | None]:
+    def cmd_panic(self, peer: control.Peer, request: control.Request) -> tuple[control.Reply, Event | None]:
         logger.critical("panic", uid=peer.uid, pid=peer.pid)
         if self.machine.state in (State.FIRING, State.FIRED):
             reply = control.PanicReply(self.machine.state.value, self.config.mode,
@@ -380,9 +407,18 @@ class Daemon:
     def feed(self, event: Event) -> None:
         detected = time.monotonic()
         received = time.time()
+        held = self.machine.held_triggers
         actions = self.machine.feed(event)
         if isinstance(event, Uevent) and not actions and event.devpath not in self.machine.watched:
             return  # unrelated device: not worth a status line
+        checks = [a for a in actions if isinstance(a, CheckMedium)]
+        if checks:  # a disarm ended: look now (a MediumCheck back in, which fires if it is gone)
+            self.events.append({"at": received, "event": type(event).__name__, **_fields(event), "fired": False})
+            logger.warning("rearmed", reason=checks[0].reason)
+            self.recheck(checks[0].reason)
+            return
+        if self.machine.held_triggers > held:
+            logger.warning("held", kind=type(event).__name__, note="disarmed: not firing", **_fields(event))
         if actions:
             assert self.firer is not None
             if self.firing_lock is not None:
@@ -420,6 +456,10 @@ class Daemon:
             stages=[{"name": r.stage.value, "outcome": r.outcome.value,
                      "duration_ms": r.duration_ms, "detail": r.detail} for r in m.results],
             ignored_triggers=m.ignored_triggers,
+            disarmed=None if m.disarmed_until is None else {
+                "seconds_left": round(max(0.0, m.disarmed_until - time.monotonic()), 1),
+                "until": time.time() + max(0.0, m.disarmed_until - time.monotonic()),
+                "reason": m.disarm_reason, "uid": m.disarm_uid, "held_triggers": m.held_triggers},
             clients=None if server is None else {
                 "open": len(server.clients), "evicted": server.evicted, "expired": server.expired},
         )

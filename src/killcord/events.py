@@ -12,6 +12,7 @@ from enum import StrEnum
 class State(StrEnum):
     ARMING = "arming"
     ARMED = "armed"
+    DISARMED = "disarmed"  # for a while, asked by root or panic_group: the medium may go, panic still fires
     FIRING = "firing"
     FIRED = "fired"
 
@@ -94,7 +95,31 @@ class StageEnded:
     detail: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
 
 
-Event = Armed | Uevent | MediumCheck | Panic | StageEnded
+@dataclass(frozen=True)
+class Disarm:
+    """Stand down until `until` (the daemon's monotonic clock): removing the medium does not
+    fire meanwhile. An authorised request (the edge checked credentials and the cap)."""
+
+    until: float
+    uid: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Rearm:
+    """End a disarm now (`killcord arm`)."""
+
+    uid: int
+
+
+@dataclass(frozen=True)
+class Tick:
+    """The daemon's clock, for a disarm that runs out."""
+
+    now: float
+
+
+Event = Armed | Uevent | MediumCheck | Panic | StageEnded | Disarm | Rearm | Tick
 
 
 # ---- actions (machine -> edges) ----
@@ -114,4 +139,12 @@ class Finished:
     last_stage: Stage
 
 
-Action = RunStage | Finished
+@dataclass(frozen=True)
+class CheckMedium:
+    """Look for the medium in sysfs now and feed back a MediumCheck (a disarm ended: fire
+    if it is gone, stay armed if it is back)."""
+
+    reason: str
+
+
+Action = RunStage | Finished | CheckMedium

@@ -1,6 +1,9 @@
 """The pure state machine: events in, actions out. No I/O, no clock, no os.
 
-ARMING -> ARMED -> FIRING -> FIRED. The firing path is the fixed stage order in
+ARMING -> ARMED -> FIRING -> FIRED, and ARMED <-> DISARMED: while disarmed (for a time set
+by root or panic_group), a missing medium does not fire, a panic does; when the time runs
+out, or on `arm`, the machine asks for a fresh look at the medium (CheckMedium) and fires
+if it is gone. The firing path is the fixed stage order in
 events.STAGES; a stage that fails or runs late hands over to the next one, a
 terminal stage that succeeds ends the sequence, a second trigger never restarts it.
 This is the one place that knows what follows what.
@@ -16,14 +19,18 @@ from killcord.events import (
     TERMINAL_STAGES,
     Action,
     Armed,
+    CheckMedium,
+    Disarm,
     Event,
     Finished,
     MediumCheck,
     Panic,
+    Rearm,
     RunStage,
     Stage,
     StageEnded,
     State,
+    Tick,
     Uevent,
 )
 
@@ -55,6 +62,10 @@ class Machine:
         self.trigger: str | None = None  # what fired us, for status and the audit record
         self.results: list[StageEnded] = []
         self.ignored_triggers = 0  # triggers that came while firing or fired
+        self.held_triggers = 0  # medium triggers that came while disarmed (none fired)
+        self.disarmed_until: float | None = None  # DISARMED: until when (the daemon's clock)
+        self.disarm_reason = ""
+        self.disarm_uid: int | None = None
         self._current: Stage | None = None
 
     @property
@@ -70,13 +81,36 @@ class Machine:
                 self.watched, self.media_watched = event.watched, event.media_watched
                 self.state = State.ARMED
             return []
+        if isinstance(event, (Disarm, Rearm, Tick)):
+            return self._disarm(event)
         reason = self._trigger_reason(event)
         if reason is None:
             return []
         if self.state in (State.FIRING, State.FIRED):
             self.ignored_triggers += 1
             return []
+        if self.state is State.DISARMED and not isinstance(event, Panic):
+            self.held_triggers += 1
+            return []
         return self._fire(reason)
+
+    def _disarm(self, event: Disarm | Rearm | Tick) -> list[Action]:
+        """Only an armed (or already disarmed) machine stands down; arming, firing or fired
+        ones ignore it (the edge says so to the asker)."""
+        if isinstance(event, Disarm):
+            if self.state in (State.ARMED, State.DISARMED):
+                self.state = State.DISARMED
+                self.disarmed_until, self.disarm_reason, self.disarm_uid = event.until, event.reason, event.uid
+            return []
+        if self.state is not State.DISARMED:
+            return []
+        assert self.disarmed_until is not None
+        if isinstance(event, Tick) and event.now < self.disarmed_until:
+            return []
+        why = "disarm ended" if isinstance(event, Tick) else f"re-armed by uid {event.uid}"
+        self.state = State.ARMED
+        self.disarmed_until, self.disarm_reason, self.disarm_uid = None, "", None
+        return [CheckMedium(why)]
 
     def _trigger_reason(self, event: Event) -> str | None:
         if isinstance(event, Panic):
@@ -91,6 +125,7 @@ class Machine:
 
     def _fire(self, reason: str) -> list[Action]:
         self.state = State.FIRING
+        self.disarmed_until, self.disarm_reason, self.disarm_uid = None, "", None
         self.trigger = reason
         return [self._run(STAGES[0])]
 
