@@ -162,7 +162,9 @@ def test_panic_kexecs_into_the_wipe_kernel(image: Image, tmp_path: Path) -> None
         assert '"loaded": true' in armed.text  # staged at arm time
         i, fire = g.wait_for(r"killcord: fire ", 60, i)
         i, kill = g.wait_for(r"killcord: stage .*stage=kill", 60, i)
-        i, jump = g.wait_for(r"kexec_core: Starting new kernel", 60, i)
+        # killcord's own last line before reboot(2): the kernel's "kexec_core: Starting new
+        # kernel" that follows it may be lost in the jump (seen in CI: printed, never flushed)
+        i, jump = g.wait_for(r"killcord: kexec ", 60, i)
         i, cmdline = g.wait_for(r"Command line: ", 120, i)  # the second kernel
         # killcord's wipe target (the package built it): the kernel cleared RAM as it booted
         i, wiped = g.wait_for(r"killcord-wipe: wiped \d+ MiB free of \d+ MiB: the kernel zeroed all free memory", 180, i)
