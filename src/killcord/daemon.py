@@ -411,9 +411,13 @@ class Daemon:
         actions = self.machine.feed(event)
         if isinstance(event, Uevent) and not actions and event.devpath not in self.machine.watched:
             return  # unrelated device: not worth a status line
+
+        def record(fired: bool) -> None:
+            self.events.append({"at": received, "event": type(event).__name__, **_fields(event), "fired": fired})
+
         checks = [a for a in actions if isinstance(a, CheckMedium)]
         if checks:  # a disarm ended: look now (a MediumCheck back in, which fires if it is gone)
-            self.events.append({"at": received, "event": type(event).__name__, **_fields(event), "fired": False})
+            record(False)
             logger.warning("rearmed", reason=checks[0].reason)
             self.recheck(checks[0].reason)
             return
@@ -429,17 +433,18 @@ class Daemon:
             budget_us = (sum(self.config.deadlines.values()) + 5000) * 1000
 
             def tell_systemd() -> None:
-                self.events.append({"at": received, "event": type(event).__name__, **_fields(event), "fired": True})
+                record(True)
                 log.notify(STATUS=f"firing: {self.machine.trigger}", WATCHDOG_USEC=budget_us)
 
             finished = self.firer.drive(actions, detected, tell_systemd)
             log.notify(STATUS=f"fired: {self.machine.trigger} (ok={finished.ok if finished else None})")
             return
-        self.events.append({"at": received, "event": type(event).__name__, **_fields(event), "fired": False})
+        record(False)
 
     def status(self) -> control.StatusReply:
         m = self.machine
         server = self.server
+        left = None if m.disarm is None else max(0.0, m.disarm.until - time.monotonic())
         return control.StatusReply(
             state=m.state.value,
             mode=self.config.mode,
@@ -456,10 +461,9 @@ class Daemon:
             stages=[{"name": r.stage.value, "outcome": r.outcome.value,
                      "duration_ms": r.duration_ms, "detail": r.detail} for r in m.results],
             ignored_triggers=m.ignored_triggers,
-            disarmed=None if m.disarmed_until is None else {
-                "seconds_left": round(max(0.0, m.disarmed_until - time.monotonic()), 1),
-                "until": time.time() + max(0.0, m.disarmed_until - time.monotonic()),
-                "reason": m.disarm_reason, "uid": m.disarm_uid, "held_triggers": m.held_triggers},
+            disarmed=None if m.disarm is None or left is None else {
+                "seconds_left": round(left, 1), "until": time.time() + left,
+                "reason": m.disarm.reason, "uid": m.disarm.uid, "held_triggers": m.held_triggers},
             clients=None if server is None else {
                 "open": len(server.clients), "evicted": server.evicted, "expired": server.expired},
         )

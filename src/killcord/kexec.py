@@ -10,7 +10,6 @@ import ctypes
 import ctypes.util
 import errno
 import glob
-import hashlib
 import os
 import platform
 import subprocess
@@ -53,7 +52,7 @@ class Staged:
     # medium's or /boot's, whose killcord hook wipes), "explicit" (kexec_initrd = a path)
     initrd_kind: str = "none"
     initrd_bytes: int | None = None
-    initrd_sha256: str | None = None  # of what was read at staging
+    initrd_sha256: str | None = None  # the wipe target's, as verified right before staging
     note: str | None = None  # why not the wipe target, when "auto" fell back to the system's
 
     def as_dict(self) -> dict[str, object]:
@@ -76,28 +75,29 @@ def find_image(setting: str, kind: str, live_mount: Path, release: str | None = 
     return next((c for c in candidates if os.path.isfile(c)), None)
 
 
-def choose_initrd(setting: str, live_mount: Path, wipe_image: Path) -> tuple[str | None, str, str | None]:
-    """(path, kind, note) of the initramfs to stage. "auto": killcord's wipe target while it
-    matches its manifest, else the system's (note says why); "none"; or the explicit path."""
+@dataclass(frozen=True)
+class Initrd:
+    """The initramfs to stage: its path, which kind, the wipe target's manifest (as verified
+    just now, by reading and hashing the image), and why not the wipe target."""
+
+    path: str | None
+    kind: str
+    manifest: wipetarget.Manifest | None = None
+    note: str | None = None
+
+
+def choose_initrd(setting: str, live_mount: Path, wipe_image: Path) -> Initrd:
+    """"auto": killcord's wipe target while it matches its manifest, else the system's (note
+    says why); "none"; or the explicit path."""
     if setting == "none":
-        return None, "none", None
+        return Initrd(None, "none")
     if setting != "auto":
-        return find_image(setting, "initrd", live_mount), "explicit", None
+        return Initrd(find_image(setting, "initrd", live_mount), "explicit")
     try:
-        wipetarget.verify(wipe_image)
-        return str(wipe_image), "wipe-target", None
+        return Initrd(str(wipe_image), "wipe-target", wipetarget.verify(wipe_image))
     except wipetarget.WipeTargetError as exc:
         system = find_image("auto", "initrd", live_mount)
-        return system, "system" if system else "none", f"wipe target not used: {exc}"
-
-
-def _digest(path: str) -> tuple[int, str]:
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
+        return Initrd(system, "system" if system else "none", note=f"wipe target not used: {exc}")
 
 
 def _file_load(kernel: str, initrd: str | None, line: str) -> None:
@@ -148,15 +148,17 @@ def stage(kernel_setting: str, initrd_setting: str, append: str, live: bool, loc
     staged and the firing path falls back to poweroff, with `error` saying why. Raises
     KexecError only for a misconfigured explicit path (refuse to arm)."""
     kernel = find_image(kernel_setting, "kernel", live_mount)
-    initrd, kind, note = choose_initrd(initrd_setting, live_mount, wipe_image)
-    staged = _stage(kernel, initrd, kernel_setting, append, live, lock, current_cmdline)
+    initrd = choose_initrd(initrd_setting, live_mount, wipe_image)
+    staged = _stage(kernel, initrd.path, kernel_setting, append, live, lock, current_cmdline)
     size, digest = None, None
-    if initrd is not None and staged.loaded:
+    if staged.loaded and initrd.manifest is not None:  # read and hashed by verify, right before staging
+        size, digest = initrd.manifest.bytes, initrd.manifest.sha256
+    elif staged.loaded and initrd.path is not None:  # the system's: its size (check compares only ours)
         try:
-            size, digest = _digest(initrd)
+            size = os.path.getsize(initrd.path)
         except OSError:
             pass
-    return replace(staged, initrd_kind=kind, initrd_bytes=size, initrd_sha256=digest, note=note)
+    return replace(staged, initrd_kind=initrd.kind, initrd_bytes=size, initrd_sha256=digest, note=initrd.note)
 
 
 def _stage(kernel: str | None, initrd: str | None, kernel_setting: str, append: str, live: bool, lock: bool,

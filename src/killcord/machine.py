@@ -63,10 +63,13 @@ class Machine:
         self.results: list[StageEnded] = []
         self.ignored_triggers = 0  # triggers that came while firing or fired
         self.held_triggers = 0  # medium triggers that came while disarmed (none fired)
-        self.disarmed_until: float | None = None  # DISARMED: until when (the daemon's clock)
-        self.disarm_reason = ""
-        self.disarm_uid: int | None = None
+        self.disarm: Disarm | None = None  # DISARMED: the request in force (until when, who, why)
         self._current: Stage | None = None
+
+    @property
+    def disarmed_until(self) -> float | None:
+        """DISARMED: until when (the daemon's monotonic clock)."""
+        return None if self.disarm is None else self.disarm.until
 
     @property
     def current(self) -> Stage | None:
@@ -100,16 +103,16 @@ class Machine:
         if isinstance(event, Disarm):
             if self.state in (State.ARMED, State.DISARMED):
                 self.state = State.DISARMED
-                self.disarmed_until, self.disarm_reason, self.disarm_uid = event.until, event.reason, event.uid
+                self.disarm = event
             return []
         if self.state is not State.DISARMED:
             return []
-        assert self.disarmed_until is not None
-        if isinstance(event, Tick) and event.now < self.disarmed_until:
+        assert self.disarm is not None
+        if isinstance(event, Tick) and event.now < self.disarm.until:
             return []
         why = "disarm ended" if isinstance(event, Tick) else f"re-armed by uid {event.uid}"
         self.state = State.ARMED
-        self.disarmed_until, self.disarm_reason, self.disarm_uid = None, "", None
+        self.disarm = None
         return [CheckMedium(why)]
 
     def _trigger_reason(self, event: Event) -> str | None:
@@ -125,7 +128,7 @@ class Machine:
 
     def _fire(self, reason: str) -> list[Action]:
         self.state = State.FIRING
-        self.disarmed_until, self.disarm_reason, self.disarm_uid = None, "", None
+        self.disarm = None
         self.trigger = reason
         return [self._run(STAGES[0])]
 

@@ -165,17 +165,20 @@ def mem_free_bytes(g: Guest) -> int:
     return int(g.run("awk '/^MemFree:/ { print $2 }' /proc/meminfo")["out"]) * 1024
 
 
-def first_line_after(g: Guest, pattern: str, t0: float) -> float | None:
+def line_after(g: Guest, pattern: str, t0: float):
+    """The first console line (a qemu.Line) from host time t0 on that matches, or None."""
     rx = re.compile(pattern)
-    for line in list(g.lines):
-        if line.at >= t0 and rx.search(line.text):
-            return line.at
-    return None
+    return next((line for line in list(g.lines) if line.at >= t0 and rx.search(line.text)), None)
+
+
+def first_line_after(g: Guest, pattern: str, t0: float) -> float | None:
+    line = line_after(g, pattern, t0)
+    return None if line is None else line.at
 
 
 def fire_line_after(g: Guest, t0: float):
     """killcord's `fire` line after t0 (a Line), or None."""
-    return next((line for line in list(g.lines) if line.at >= t0 and "killcord: fire " in line.text), None)
+    return line_after(g, r"killcord: fire ", t0)
 
 
 def logged_after_s(text: str) -> float:
@@ -212,7 +215,7 @@ def trigger_and_measure(g: Guest, result: Result, pattern: bytes, trigger, power
     uevent = first_line_after(g, r"ref-uevent: remove ", t0)
     detect = detected_at(g, t0)
     fire = fire_line_after(g, t0)
-    kill_line = next((line for line in list(g.lines) if line.at >= t0 and "killcord: stage stage=kill " in line.text), None)
+    kill_line = line_after(g, r"killcord: stage stage=kill ", t0)
     kill_s = stage_seconds(kill_line.text) if kill_line else None
     result.timings_ms = {
         "unplug_to_uevent": ms(uevent, t0),
