@@ -5,9 +5,9 @@ PY    := $(VENV)/bin/python
 # Debian 13 and 12: what `make deb` builds (make deb SUITE=trixie)
 SUITE ?= trixie bookworm
 APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libsystemd-dev util-linux e2fsprogs \
-                qemu-system-x86 qemu-utils mmdebstrap squashfs-tools zstd shellcheck busybox dmsetup
+                qemu-system-x86 qemu-utils ovmf mmdebstrap squashfs-tools zstd shellcheck busybox dmsetup
 
-.PHONY: setup test test-unit test-vm-all demo demo-dry bench bench-vm clean deb
+.PHONY: setup test test-unit test-vm-all demo demo-dry bench bench-vm bench-vm-detect clean deb
 
 $(VENV)/.installed: pyproject.toml
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -43,6 +43,10 @@ bench: setup                ## trigger latency benchmarks -> out/bench/latency.j
 bench-vm: setup             ## QEMU: unplug to off, the wipe target vs the live initrd side by side (3 runs at 1 and 2 GiB, about 20 minutes) -> out/bench/vm.json
 	$(MAKE) deb SUITE=trixie
 	$(PY) bench/vm.py --out out/bench/vm.json
+
+bench-vm-detect: setup      ## QEMU: detection and the kexec call after the reference listener (guest clock; idle, squashfs failures, uevent storm; real-time and not, 3 runs each, about 20 minutes) -> out/bench/vm-detect.json
+	$(MAKE) deb SUITE=trixie
+	$(PY) bench/vm_detect.py --modes realtime normal --out out/bench/vm-detect.json
 
 deb:                        ## Debian packages -> out/deb/<suite>/killcord_<version>_<arch>.deb, SUITE="trixie bookworm" (root; each built and linted in a chroot of its suite)
 	bash packaging/build-deb.sh $(SUITE)

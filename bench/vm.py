@@ -17,17 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from vm import live  # noqa: E402
-from vm.image import build, find_deb  # noqa: E402
+from guest_bench import ROOT, median, prepare
+from vm import live
 
 PATHS = ("system-initrd", "wipe-target")  # what it was, what it is
 METRICS = ("unplug_to_uevent", "unplug_to_detect", "unplug_to_killed", "unplug_to_keys_gone",
@@ -52,24 +47,13 @@ def one_run(image, memory_mib: int, path: str, log: Path) -> dict[str, object]:
             "timings_ms": result.timings_ms}
 
 
-def median(values: list[float | None]) -> float | None:
-    got = [v for v in values if v is not None]
-    return round(statistics.median(got), 1) if got else None
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench" / "vm.json")
     ap.add_argument("--runs", type=int, default=3, help="repetitions per size and path (default 3)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048], help="guest MiB (default 1024 2048)")
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("bench-vm: run as root (mmdebstrap, QEMU)", file=sys.stderr)
-        return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    logs = args.out.parent / "vm-logs"
-    logs.mkdir(exist_ok=True)
-    image = build("trixie", find_deb("trixie"), log=open(logs / "build.log", "w"))
+    image, logs = prepare("bench-vm", args.out)
     runs: list[dict[str, object]] = []
     started = time.time()
     for size in args.sizes:

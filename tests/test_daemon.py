@@ -415,3 +415,44 @@ def test_records_are_roots_alone_and_the_socket_stays_reachable(loopdev, env, st
     code = ("import os, sys\nos.setgroups([100]); os.setgid(65534); os.setuid(65534)\n"
             f"try:\n    os.listdir({str(records)!r})\nexcept PermissionError:\n    sys.exit(13)\n")
     assert subprocess.run([sys.executable, "-c", code], timeout=30).returncode == 13
+
+
+def _policies(pid: int) -> dict[int, int]:
+    """Each thread's scheduling policy (os.sched_getscheduler takes a thread id on Linux)."""
+    return {int(tid): os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def test_armed_only_the_uevent_detector_runs_realtime(loopdev, env, start_daemon) -> None:
+    """While armed, one thread (the detector, blocked on the uevent socket) is SCHED_FIFO, so
+    that it wakes before anything a busy system runs; the main thread, which serves the
+    control socket to every local user, stays a normal task. status and check say which."""
+    proc = start_daemon(medium=loopdev())
+    armed = wait_for(env, "armed")
+    assert armed["detector"] == "SCHED_FIFO 50"
+    policies = _policies(proc.pid)
+    assert policies[proc.pid] == os.SCHED_OTHER, policies  # the main thread: the control socket
+    assert sorted(policies.values()).count(os.SCHED_FIFO) == 1, policies
+    assert "detector: SCHED_FIFO 50" in run_cli(env, "status").stdout
+    items = {i["name"]: i for i in json.loads(run_cli(env, "check", "--json").stdout)["items"]}
+    assert items["realtime"]["ok"] and "SCHED_FIFO 50" in items["realtime"]["detail"]
+
+
+def test_without_cap_sys_nice_it_arms_and_says_it_is_not_realtime(loopdev, env, start_daemon) -> None:
+    """A unit without CAP_SYS_NICE (or with RestrictRealtime=): still armed and still firing,
+    and status and check say what is missing."""
+    dev = loopdev()
+    e = dict(env, KILLCORD_MEDIUM=dev)
+    # root's capabilities after exec are its bounding set: without CAP_SYS_NICE, as such a unit
+    proc = subprocess.Popen(["setpriv", "--bounding-set", "-sys_nice", "--"] + CLI + ["daemon"], env=e,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        armed = wait_for(env, "armed")
+        assert armed["detector"].startswith("SCHED_OTHER (refused: Operation not permitted)")
+        assert os.SCHED_FIFO not in _policies(proc.pid).values()
+        items = {i["name"]: i for i in json.loads(run_cli(env, "check", "--json").stdout)["items"]}
+        assert not items["realtime"]["ok"] and "CAP_SYS_NICE" in items["realtime"]["fix"]
+        send_uevent(dev, "remove")
+        assert wait_for(env, "fired")["trigger"].startswith("uevent remove")
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -3,6 +3,7 @@ that fails, raises or hangs hands over to the next one within its deadline."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -63,6 +64,34 @@ def test_a_hanging_stage_times_out_at_its_deadline(ramdir: Path, monkeypatch: py
     ended = f.run(RunStage(Stage.KEXEC, 100))
     assert ended.outcome is Outcome.TIMED_OUT
     assert 100 <= ended.duration_ms < 30_000  # abandoned, not waited for
+
+
+def test_the_kept_stage_thread_runs_each_stage_until_one_hangs(ramdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Armed, the stages run in one thread started at arm time; a stage still running at its
+    deadline keeps it, and the stages after it start threads of their own."""
+    deadlines = dict(DEFAULT_DEADLINES_MS, **{Stage.KEXEC: 100})
+    m, f = firer(ramdir, deadlines)
+    f.keep_stage_thread()
+    kept = f._stage_thread
+    assert kept is not None
+    ran_in: dict[Stage, int] = {}
+
+    def stage(which: Stage, outcome: Outcome, hang: float = 0.0):
+        def fn(deadline: float) -> tuple[Outcome, dict[str, object]]:
+            ran_in[which] = threading.get_native_id()
+            time.sleep(hang)
+            return outcome, {}
+        return fn
+    for which in (Stage.KILL, Stage.KEYS, Stage.AUDIT):
+        monkeypatch.setitem(f._stages, which, stage(which, Outcome.DONE))
+    monkeypatch.setitem(f._stages, Stage.KEXEC, stage(Stage.KEXEC, Outcome.DONE, hang=3.0))
+    for which in (Stage.POWEROFF, Stage.SYSRQ):
+        monkeypatch.setitem(f._stages, which, stage(which, Outcome.FAILED))
+    f.drive(m.feed(Panic(0, 1)))
+    assert [r.outcome for r in m.results][3] is Outcome.TIMED_OUT
+    assert {ran_in[s] for s in (Stage.KILL, Stage.KEYS, Stage.AUDIT, Stage.KEXEC)} == {kept._thread.native_id}
+    assert ran_in[Stage.POWEROFF] != kept._thread.native_id and ran_in[Stage.SYSRQ] != kept._thread.native_id
+    assert f._stage_thread is None
 
 
 def test_missing_slabinfo_is_logged_not_fatal(ramdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -127,15 +156,20 @@ def test_nothing_is_logged_before_the_kill_and_the_keys(ramdir: Path, monkeypatc
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="SCHED_FIFO needs root (CAP_SYS_NICE)")
-def test_live_kill_and_keys_run_realtime_and_the_rest_does_not(ramdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """In live mode the kill and keys stages run SCHED_FIFO, the later ones (the fallback's
-    wipe among them) as normal threads. Every stage is replaced by a recorder here: nothing
-    is killed, nothing jumps; drive runs in a thread of its own, whose policy it changes.
+@pytest.mark.parametrize("kept", [True, False], ids=["kept-stage-thread", "thread-per-stage"])
+def test_live_stages_up_to_the_jump_run_realtime_and_the_fallback_does_not(ramdir: Path, kept: bool,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """In live mode the stages up to the jump run SCHED_FIFO; the fallback's (the poweroff,
+    which waits for the dying and wipes what they freed, and sysrq) run as normal threads.
+    Every stage is replaced by a recorder here: nothing is killed, nothing jumps; drive
+    runs in a thread of its own, whose policy it changes.
     The firer is built dry (it opens no sysrq, printk or drop_caches handle) and only then
     told it is live."""
     m = Machine(DEFAULT_DEADLINES_MS)
     f = Firer(m, DRY_STAGED, ramdir, live=False)
     f.live = True
+    if kept:
+        f.keep_stage_thread()
     policy: dict[str, int] = {}
     for stage in Stage:
         def record(deadline: float, stage: Stage = stage) -> tuple[Outcome, dict[str, object]]:
@@ -150,8 +184,8 @@ def test_live_kill_and_keys_run_realtime_and_the_rest_does_not(ramdir: Path, mon
     t = threading.Thread(target=firing)
     t.start()
     t.join(30)
-    assert policy["kill"] == policy["keys"] == os.SCHED_FIFO, policy
-    assert policy["audit"] == policy["kexec"] == policy["poweroff"] == os.SCHED_OTHER, policy
+    assert policy["kill"] == policy["keys"] == policy["audit"] == policy["kexec"] == os.SCHED_FIFO, policy
+    assert policy["poweroff"] == policy["sysrq"] == os.SCHED_OTHER, policy
     assert after == [os.SCHED_OTHER]
 
 
@@ -170,3 +204,25 @@ def test_before_reboot_turns_panic_on_warn_and_oops_off(ramdir: Path, tmp_path: 
         os.close(fd)
     assert [p.read_bytes() for p in files] == [b"0", b"0", b"7"]
     assert firer(ramdir)[1]._panic_fds == []  # dry-run opens none
+
+
+def test_right_before_a_jump_the_audit_records_the_snapshot_but_leaves_the_summary_out(ramdir: Path) -> None:
+    """Live with an image staged, kexec comes next: the raw slabinfo snapshot is recorded and
+    the parse into a summary (the audit's slowest part) is left out, and the record says so.
+    Without a jump to make (dry-run here, or nothing staged) the summary is there. The firer
+    is built dry and then told it is live; only its audit stage runs (it reads this host's
+    /proc/slabinfo and writes in ramdir)."""
+    m = Machine(DEFAULT_DEADLINES_MS)
+    m.feed(Panic(0, 1))
+    docs = {}
+    for live, staged in ((True, DRY_STAGED), (False, DRY_STAGED),
+                         (True, Staged(None, None, "", "none", False))):
+        f = Firer(m, staged, ramdir, live=False)
+        f.live = live
+        outcome, detail = f.audit(time.monotonic() + 5)
+        assert outcome is Outcome.DONE, detail
+        docs[(live, staged.loaded)] = json.loads(Path(str(detail["record"])).read_text())
+    jump = docs[(True, True)]
+    assert jump["top"] is None and "raw snapshot" in jump["summary"]
+    assert (Path(ramdir) / "records" / jump["snapshot"]).read_bytes().startswith(b"slabinfo - version:")
+    assert docs[(False, True)]["top"] and docs[(True, False)]["top"]

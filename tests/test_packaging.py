@@ -40,7 +40,7 @@ BREAKS_FIRING = {
     "PrivateNetwork": "kernel uevents go to the initial network namespace",
     "PrivateUsers": "capabilities in a user namespace cannot kexec or signal init",
     "DynamicUser": "it must run as root",
-    "RestrictRealtime": "the kill and keys stages run SCHED_FIFO (fire.py)",
+    "RestrictRealtime": "the uevent detector and the kill and keys stages run SCHED_FIFO",
     # the poweroff fallback frees the system's own RAM file systems, not private copies
     "ProtectSystem": "the fallback could not free files on /run, /dev/shm or the overlay",
     "ProtectHome": "the fallback would not see /run/user",

@@ -226,12 +226,18 @@ def _summary(snapshot: bytes) -> dict[str, object]:
         return {"top": [], "parse_error": str(e)}
 
 
-def record(state_dir: Path, snapshot: bytes, meta: dict[str, object]) -> Path:
+# Why a record may lack its summary: parsing costs more than reading (about 15 ms under
+# QEMU's emulation), and right before a kexec the record goes with the rest of RAM.
+SUMMARY_LEFT_OUT = "left out before the jump; the raw snapshot is beside it (killcord slabinfo-diff reads it)"
+
+
+def record(state_dir: Path, snapshot: bytes, meta: dict[str, object], summarize: bool = True) -> Path:
     """Write slabinfo-<stamp>.txt (raw) then audit-<stamp>.json in state_dir/records (see
     statedir: root's alone, no link followed); return the JSON path.
 
     The snapshot is written first so the JSON never names a file that is not there. The
     daemon holds the records directory open since arm time (statedir.hold_records).
+    summarize: add the largest caches (parsed from the snapshot) to the JSON.
     """
     with statedir.Records(state_dir) as records:
         stamp = _unique_stamp(records)
@@ -239,7 +245,7 @@ def record(state_dir: Path, snapshot: bytes, meta: dict[str, object]) -> Path:
         json_name = f"audit-{stamp}.json"
         statedir.write_atomic(records, snap_name, snapshot)
         doc = {**meta, "recorded_at": stamp, "snapshot": snap_name, "snapshot_bytes": len(snapshot)}
-        doc.update(_summary(snapshot))
+        doc.update(_summary(snapshot) if summarize else {"top": None, "summary": SUMMARY_LEFT_OUT})
         # default=str: meta may carry Paths or enums; an unserialisable value must not lose the audit
         statedir.write_atomic(records, json_name, json.dumps(doc, indent=2, default=str).encode("utf-8") + b"\n")
     return statedir.records_path(state_dir) / json_name

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import psutil
 
-from killcord import audit, control, kexec, medium, resident, wipetarget
+from killcord import audit, control, kexec, medium, mor, resident, wipetarget
 from killcord.cmdline import CmdlineError, last_value, read_proc, sanitize
 from killcord.config import Config
 
@@ -56,6 +56,7 @@ def run(config: Config, cmdline: str | None = None, drop_caches: bool = False) -
         items.append(Item("slabinfo", False, False, f"{audit.SLABINFO}: {exc}",
                           "run as root on a kernel with CONFIG_SLUB_DEBUG (the audit stage is skipped otherwise)"))
     items.append(crash_keys_item())
+    items.append(mor_item(config))
     items += _daemon_items(config, drop_caches)
     running = any(p.info["name"] == "memlockd" for p in psutil.process_iter(["name"]))
     items.append(Item("memlockd", running, False, "running" if running else "not running",
@@ -89,6 +90,18 @@ def _kexec_item(config: Config, cmdline: str) -> Item:
         return Item("kexec", False, True, "kernel.kexec_load_disabled = 1 and nothing staged",
                     "let killcord stage before anything sets kexec_load_disabled (it can lock after staging: kexec_lock = true)")
     return Item("kexec", True, True, f"stageable: {image} (not staged yet: the daemon stages it when it arms)")
+
+
+def mor_item(config: Config, efivars: Path = mor.EFIVARS, magic: int | None = mor.EFIVARFS_MAGIC) -> Item:
+    """The firmware's MOR bit (mor.py): set, or why not."""
+    state = mor.read(efivars, magic)
+    if not state.offered:
+        return Item("mor", True, False, f"not offered: {state.note} (nothing to set)")
+    if state.is_set:
+        return Item("mor", True, False, f"MemoryOverwriteRequestControl {state.note}")
+    fix = ('set mor = "auto" in /etc/killcord/killcord.toml and restart killcord' if config.mor == "off"
+           else "restart killcord (it sets it at arm time); `killcord status` says why it could not")
+    return Item("mor", False, False, f"MemoryOverwriteRequestControl {state.note}", fix)
 
 
 def crash_keys_item(root: Path = CRASH_KEYS, crash_loaded: Path = KEXEC_CRASH_LOADED) -> Item:
@@ -131,8 +144,19 @@ def _daemon_items(config: Config, drop_caches: bool) -> list[Item]:
     if status.medium is None and status.medium_note:
         detail += f"; medium: none ({status.medium_note})"
     items = [Item("daemon", armed, True, detail, "" if armed else "see `killcord status` and the journal")]
-    return items + [_resident_item(status, drop_caches), _fallback_item(status.pid),
+    return items + [_resident_item(status, drop_caches), _fallback_item(status.pid), detector_item(status.detector),
                     wipe_target_item(config, status.kexec)]
+
+
+def detector_item(detector: str | None) -> Item:
+    """Whether the uevent detector runs real-time (daemon.detect): if not, a busy system
+    (udev, services failing on the missing medium) delays the detection by tens of ms."""
+    if detector is None:
+        return Item("realtime", False, False, "the daemon does not say (an older version)", "restart killcord")
+    ok = detector.startswith("SCHED_FIFO")
+    return Item("realtime", ok, False, f"uevent detector: {detector}",
+                "" if ok else "give the daemon CAP_SYS_NICE (the packaged unit does) and do not set "
+                "RestrictRealtime=; then systemctl restart killcord")
 
 
 WIPE_TARGET_FIX = ("apt install busybox-static (the package builds it), or `killcord wipe-target build`; "

@@ -197,6 +197,11 @@ def _render_status(s) -> str:  # noqa: ANN001  (control.StatusReply)
         lines.append(f"          {kx['note']}")
     lines.append(f"resident: mlockall={res.get('mlockall')}, {res.get('locked_kib')} KiB locked, "
                  f"{res.get('resident_pages')}/{res.get('pages')} pages of {res.get('files')} files")
+    if s.mor is not None:
+        lines.append(f"mor:      {s.mor.get('note')}")
+    if s.detector:
+        lines.append(f"detector: {s.detector}" + ("" if s.detector.startswith("SCHED_FIFO")
+                                                  else " (not real-time: detection may wait behind a busy system)"))
     if s.trigger:
         lines.append(f"trigger:  {s.trigger}")
     for st in s.stages:

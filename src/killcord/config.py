@@ -60,6 +60,7 @@ class Config(BaseSettings):
     stage_deadlines_ms: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_DEADLINES_MS))
     cord: str | None = None
     disarm_max_s: int = 300  # the longest `killcord disarm --for` allowed
+    mor: Literal["auto", "off"] = "auto"  # set the firmware's MOR bit at arm time where offered (mor.py)
     live_medium_mount: Path = Path("/run/live/medium")
 
     @classmethod

@@ -100,6 +100,8 @@ class StatusReply:
     medium_note: str | None = None  # why no medium is watched (e.g. copied to RAM: panic only)
     disarmed: dict[str, Any] | None = None  # while disarmed: seconds_left, until, reason, uid, held_triggers
     clients: dict[str, int] | None = None  # control connections: open, evicted, expired
+    detector: str | None = None  # the uevent detector thread's scheduling: "SCHED_FIFO 50" when armed
+    mor: dict[str, Any] | None = None  # the firmware's MOR bit as arming left it (mor.MorState); None: mor = "off"
     ok: bool = True
 
 

@@ -1,5 +1,13 @@
 """The daemon: arm, then block on the uevent socket and the control socket; feed what
 happens to the machine and run what it says. Read top to bottom: arm(), then loop().
+
+Two threads once armed. The detector (detect) blocks on the uevent socket alone and runs
+SCHED_FIFO: when the medium goes, it is the first task the kernel wakes, ahead of udev,
+systemd and whatever fails on the missing medium, and it fires from there. The main thread
+serves the control socket, signals and the watchdog as a normal task: a local user's flood
+of connections then competes for CPU as any process does, never at real-time priority.
+Only the detector's uevents are real-time work, and the kernel's filter (watch.set_filter)
+lets through nothing but what can fire. One lock serializes everything the machine sees.
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ import resource
 import selectors
 import signal
 import socket
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +28,7 @@ from typing import Any
 
 import structlog
 
-from killcord import __version__, arm_fds, control, kexec, log, medium, resident, statedir, watch
+from killcord import __version__, arm_fds, control, kexec, log, medium, mor, resident, sched, statedir, watch
 from killcord.config import Config
 from killcord.events import Armed, CheckMedium, Disarm, Event, MediumCheck, Panic, Rearm, State, Tick, Uevent
 from killcord.fire import Firer
@@ -26,8 +36,11 @@ from killcord.machine import Machine
 
 RAM_FS = {0x01021994: "tmpfs", 0x858458F6: "ramfs"}  # statfs f_type magic numbers
 LAST_EVENTS = 20
-UEVENT_BATCH = 64  # uevents per loop turn: the control socket and the watchdog are served between
+UEVENT_BATCH = 64  # uevents per turn of the detector: the backlog check runs between
 BACKLOG_RECHECK_S = 0.1  # sysfs re-check period while uevents stay queued (see on_uevents)
+# How long a thread holding the GIL keeps it once another asks (CPython's default is 5 ms):
+# the detector, woken by a uevent, waits at most this for the control thread to let go.
+SWITCH_INTERVAL_S = 0.0005
 
 logger = structlog.get_logger("killcord.daemon")
 
@@ -57,6 +70,7 @@ class Daemon:
         self.medium_note: str | None = None  # why no medium is watched, when none is
         self.cord: medium.Medium | None = None
         self.staged: kexec.Staged | None = None
+        self.mor: mor.MorState | None = None  # None: mor = "off"
         self.firer: Firer | None = None
         self.server: control.Server | None = None
         self.firing_lock: int | None = None  # statedir's firing lock, opened at arm time
@@ -66,6 +80,12 @@ class Daemon:
         self.panic_gid = grp.getgrnam(config.panic_group).gr_gid if config.panic_group else None
         self.started = time.time()
         self.stopping = False
+        # Held by whoever feeds the machine or reads it for a reply (the detector, the control
+        # thread); re-entrant: a handler feeds, a fed CheckMedium feeds again.
+        self.lock = threading.RLock()
+        self.closed = False  # set under the lock when the loop ends: nothing is fed after
+        self.detector_sched = "not started"  # the detector thread's policy, or why not real-time
+        self.detector_error: str | None = None
         self.overflows = 0
         self.refusals: dict[str, tuple[float, int]] = {}  # command: (last logged, not logged since)
         self.backlog_since: float | None = None  # uevents left queued since (a storm)
@@ -118,7 +138,11 @@ class Daemon:
         except kexec.KexecError as exc:  # raised before loading anything (checked above)
             raise ArmError(str(exc)) from None
         logger.info("staged", **self.staged.as_dict())
+        if cfg.mor == "auto":
+            self.mor = mor.arm(cfg.live)
+            logger.info("mor", **self.mor.as_dict())
         self.firer = Firer(self.machine, self.staged, cfg.state_dir, cfg.live)
+        self.firer.keep_stage_thread()
         self._lock()
         watched = frozenset(self.medium.devpaths if self.medium else ()) | frozenset(
             self.cord.devpaths if self.cord else ())
@@ -185,9 +209,9 @@ class Daemon:
     # ---- the loop ----
 
     def loop(self) -> None:
-        """One turn serves every ready source a bounded amount (UEVENT_BATCH uevents,
-        control.ACCEPT_BATCH connections, one read per client), then expires clients past
-        their deadline and pings the watchdog: no source can starve another."""
+        """Start the detector thread, then serve the control socket: one turn serves every
+        ready source a bounded amount (control.ACCEPT_BATCH connections, one read per
+        client), then expires clients past their deadline and pings the watchdog."""
         assert self.server is not None
         sel = self.sel
         wake_r, wake_w = socket.socketpair()
@@ -196,16 +220,19 @@ class Daemon:
         signal.set_wakeup_fd(wake_w.fileno())
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
-        sel.register(self.watcher.fileno(), selectors.EVENT_READ, "uevent")
         sel.register(self.server.fileno(), selectors.EVENT_READ, "accept")
         sel.register(wake_r, selectors.EVENT_READ, "signal")
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        detector = threading.Thread(target=self.detect, args=(wake_w,), name="detector", daemon=True)
+        detector.start()
         interval = log.watchdog_interval()
         last_ping = time.monotonic()
         while not self.stopping:
+            if self.detector_error is not None:
+                # never armed without a detector: exit non-zero, systemd restarts and re-arms us
+                raise RuntimeError(f"the uevent detector stopped: {self.detector_error}")
             for key, mask in sel.select(self._timeout(interval, last_ping)):
-                if key.data == "uevent":
-                    self.on_uevents()
-                elif key.data == "accept":
+                if key.data == "accept":
                     self.on_accept()
                 elif key.data == "signal":
                     try:
@@ -222,9 +249,33 @@ class Daemon:
             if interval is not None and time.monotonic() - last_ping >= interval:
                 log.notify(WATCHDOG=1)
                 last_ping = time.monotonic()
+        with self.lock:  # a firing in the detector ends first (the stop was ignored for it)
+            self.closed = True
         log.notify(STOPPING=1)
         logger.info("stopping", state=self.machine.state.value)
         self.server.close()
+
+    def detect(self, wake: socket.socket) -> None:
+        """The detector thread: real-time while armed (see the module's docstring); it
+        blocks on the uevent socket alone and fires from here."""
+        took = sched.realtime()
+        if took != "ok":
+            logger.warning("not_realtime", error=took, fix="give the daemon CAP_SYS_NICE")
+        self.detector_sched = sched.describe() + ("" if took == "ok" else f" ({took})")
+        try:
+            with selectors.DefaultSelector() as sel:
+                sel.register(self.watcher.fileno(), selectors.EVENT_READ)
+                while not self.closed:
+                    # a backlog (more queued than one turn takes) is re-checked in sysfs as time passes
+                    sel.select(BACKLOG_RECHECK_S if self.backlog_since is not None else None)
+                    self.on_uevents()
+        except Exception as exc:  # the daemon must not go on armed without it
+            self.detector_error = f"{type(exc).__name__}: {exc}"
+            logger.critical("detector_failed", error=self.detector_error)
+            try:
+                wake.send(b"!")
+            except OSError:
+                pass
 
     def _timeout(self, interval: float | None, last_ping: float) -> float | None:
         now = time.monotonic()
@@ -343,7 +394,8 @@ class Daemon:
                 self._log_refusal(command.name, client.peer)
                 self._reply(client, refused)
                 return
-            reply, then = self.handlers[command.name](client.peer, request)
+            with self.lock:
+                reply, then = self.handlers[command.name](client.peer, request)
             self._reply(client, reply)
         except OSError:
             self._drop(client)  # reset, broken pipe: that client is gone
@@ -406,6 +458,11 @@ class Daemon:
 
     def feed(self, event: Event) -> None:
         detected = time.monotonic()
+        with self.lock:
+            if not self.closed:
+                self._feed(event, detected)
+
+    def _feed(self, event: Event, detected: float) -> None:
         received = time.time()
         held = self.machine.held_triggers
         actions = self.machine.feed(event)
@@ -466,6 +523,8 @@ class Daemon:
                 "reason": m.disarm.reason, "uid": m.disarm.uid, "held_triggers": m.held_triggers},
             clients=None if server is None else {
                 "open": len(server.clients), "evicted": server.evicted, "expired": server.expired},
+            detector=self.detector_sched,
+            mor=None if self.mor is None else self.mor.as_dict(),
         )
 
 

@@ -6,6 +6,7 @@ machine decides what runs next.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from killcord import audit, dm, fallback, kexec, keyring, kill
+from killcord import audit, dm, fallback, kexec, keyring, kill, sched
 from killcord.events import Action, Finished, Outcome, RunStage, Stage, StageEnded
 from killcord.machine import Machine
 
@@ -38,12 +39,45 @@ threading.stack_size(STAGE_STACK)
 log = structlog.get_logger("killcord.fire")
 
 # Stages that run before anything is logged (see Firer.drive): what takes secrets away.
-# They run SCHED_FIFO (the stage threads inherit it from the firing thread): the processes
-# just killed exit on every CPU, and under that load a normal thread waited tens of ms for
-# its turn (scenario o). Only while firing: an armed daemon that serves the control socket
-# at real-time priority would let a local user's flood take a CPU.
 URGENT = frozenset({Stage.KILL, Stage.KEYS})
-FIRE_PRIORITY = 50  # as the kernel's threaded interrupt handlers: below none of them
+# Stages that run SCHED_FIFO (the stage threads inherit it from the firing thread): the
+# processes just killed exit on every CPU, and under that load a normal thread waited tens
+# of ms for its turn (scenario o). Up to the jump, which the dying need not see: the kexec
+# target clears what they hold. The poweroff fallback waits for their exits and wipes what
+# they freed: it and sysrq run as normal threads, so as not to starve them. The firing
+# thread is the daemon's detector, real-time already while armed (daemon.detect), or the
+# control thread for a panic: it takes it here.
+REALTIME = frozenset({Stage.KILL, Stage.KEYS, Stage.AUDIT, Stage.KEXEC})
+
+
+class StageThread:
+    """A stage thread started at arm time and kept for the firing path. Starting one at
+    fire time cost 10 to 14 ms a stage under emulation (the interpreter's thread state, the
+    stack faulted in and locked under mlockall): most of what the kill and the keys took.
+    The firing thread's scheduling goes with each stage (kill and keys SCHED_FIFO)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], None], threading.Event]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="stage", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            job, done = self._jobs.get()
+            job()  # never raises: Firer.run's target catches everything
+            done.set()
+
+    def submit(self, job: Callable[[], None]) -> threading.Event:
+        """Run `job` there; the event is set when it returned."""
+        tid = self._thread.native_id
+        assert tid is not None  # started in __init__
+        try:
+            os.sched_setscheduler(tid, os.sched_getscheduler(0), os.sched_getparam(0))
+        except OSError:
+            pass  # no CAP_SYS_NICE: it runs as it is
+        done = threading.Event()
+        self._jobs.put((job, done))
+        return done
 
 
 class Firer:
@@ -59,6 +93,7 @@ class Firer:
         self._fallback = fallback.Handles.open(live)
         self._slabinfo_fd = audit.open_snapshot()
         self._keys_fd = keyring.open_list()
+        self._stage_thread: StageThread | None = None  # see keep_stage_thread
         self._kill_began = 0  # boot_ticks() when the kill stage began
         self._kill_waited = True  # whether it waited for its targets' exits
         self._stages: dict[Stage, StageFn] = {
@@ -69,6 +104,11 @@ class Firer:
             Stage.POWEROFF: self.poweroff,
             Stage.SYSRQ: self.sysrq,
         }
+
+    def keep_stage_thread(self) -> None:
+        """At arm time: start the thread the stages will run in (without it, each stage
+        starts one of its own when it runs)."""
+        self._stage_thread = StageThread()
 
     # ---- running under a deadline ----
 
@@ -84,9 +124,14 @@ class Firer:
             except Exception as exc:  # a stage must never stop the sequence
                 box.append((Outcome.FAILED, {"error": f"{type(exc).__name__}: {exc}"}))
 
-        worker = threading.Thread(target=target, name=f"stage-{action.stage}", daemon=True)
-        worker.start()
-        worker.join(max(0.0, deadline - time.monotonic()) + GRACE_S)
+        kept = self._stage_thread
+        if kept is not None:
+            if not kept.submit(target).wait(max(0.0, deadline - time.monotonic()) + GRACE_S):
+                self._stage_thread = None  # still busy with this stage: the next ones start their own
+        else:
+            worker = threading.Thread(target=target, name=f"stage-{action.stage}", daemon=True)
+            worker.start()
+            worker.join(max(0.0, deadline - time.monotonic()) + GRACE_S)
         duration_ms = (time.monotonic() - start) * 1000
         outcome, detail = box[0] if box else (Outcome.TIMED_OUT, {"error": "still running at its deadline"})
         return StageEnded(action.stage, outcome, round(duration_ms, 3), detail)
@@ -102,14 +147,13 @@ class Firer:
         systemd) go out, before the slower stages."""
         detected = time.monotonic() if detected is None else detected
         held: list[StageEnded] | None = []
-        realtime = _scheduling(os.SCHED_FIFO, FIRE_PRIORITY) if self.live else "dry-run"
+        realtime = sched.realtime() if self.live else "dry-run"
+        normal = not self.live  # whether this thread is back to SCHED_OTHER (or never left it)
 
         def flush() -> None:
             nonlocal held
             if held is None:
                 return
-            if self.live:  # the slower stages (a wipe among them) must not starve the dying
-                _scheduling(os.SCHED_OTHER, 0)
             log.critical("fire", trigger=self.machine.trigger, realtime=realtime,
                          logged_after_ms=round((time.monotonic() - detected) * 1000, 3))
             for ended in held:
@@ -122,6 +166,9 @@ class Firer:
             action = actions.pop(0)
             if isinstance(action, Finished) or action.stage not in URGENT:
                 flush()
+            if not normal and (isinstance(action, Finished) or action.stage not in REALTIME):
+                sched.normal()
+                normal = True
             if isinstance(action, Finished):
                 log.critical("finished", ok=action.ok, last_stage=action.last_stage.value)
                 return action
@@ -132,6 +179,8 @@ class Firer:
                 _log_stage(ended)
             actions.extend(self.machine.feed(ended))
         flush()
+        if not normal:
+            sched.normal()
         return None
 
     # ---- the stages ----
@@ -177,7 +226,8 @@ class Firer:
             meta["slabinfo_error"] = f"{exc.strerror or exc}"
             path = audit.record(self.state_dir, b"", meta)
             return Outcome.FAILED, {"error": meta["slabinfo_error"], "record": str(path)}
-        path = audit.record(self.state_dir, snapshot, meta)
+        # The kexec stage comes next: the slab summary would only delay the jump
+        path = audit.record(self.state_dir, snapshot, meta, summarize=not (self.live and self.staged.loaded))
         return Outcome.DONE, {"record": str(path), "slabinfo_bytes": len(snapshot)}
 
     def kexec(self, deadline: float) -> tuple[Outcome, dict[str, object]]:
@@ -230,15 +280,6 @@ class Firer:
             return Outcome.FAILED, {"error": f"{SYSRQ_TRIGGER} could not be opened at arm time"}
         os.write(self._sysrq_fd, b"o")
         return _wait_until(deadline, "sysrq o written")
-
-
-def _scheduling(policy: int, priority: int) -> str:
-    """Set this thread's policy; "ok", or why not (the stages run all the same)."""
-    try:
-        os.sched_setscheduler(0, policy, os.sched_param(priority))
-        return "ok"
-    except OSError as exc:
-        return f"refused: {exc.strerror}"
 
 
 def _log_stage(ended: StageEnded) -> None:

@@ -50,8 +50,12 @@ class Result:
         return path
 
 
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")  # Debian's ovmf package
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+
+
 def boot(image: Image, log: Path, append: str = "", extra_args: list[str] | None = None,
-         memory_mib: int = 1024, s3: bool = False) -> Guest:
+         memory_mib: int = 1024, s3: bool = False, uefi: bool = False) -> Guest:
     """Boot the live system from the stick (qemu-xhci + usb-storage, id "stick"); the
     stick's writes go to a throw-away snapshot, the cached image stays as built.
 
@@ -62,12 +66,20 @@ def boot(image: Image, log: Path, append: str = "", extra_args: list[str] | None
     stick answers the next read with a Unit Attention, and Linux fails every later read
     from a removable disk that did so ("device offline or changed"), which takes the live
     root away. A real port mostly keeps its power through S3; this keeps the test about
-    killcord rather than about that artefact."""
-    kernel = image.vmlinuz if s3 else image.vmlinux
+    killcord rather than about that artefact.
+
+    uefi: boot through OVMF (its EFI stub: the bzImage), with a writable copy of its
+    variable store beside the log, so that the guest has efivarfs."""
+    kernel = image.vmlinuz if s3 or uefi else image.vmlinux
     removable = "off" if s3 else "on"
-    s3_args = ["-global", "ICH9-LPC.disable_s3=0"] if s3 else []
+    machine_args = ["-global", "ICH9-LPC.disable_s3=0"] if s3 else []
+    if uefi:
+        store = log.with_suffix(".ovmf-vars.fd")
+        store.write_bytes(OVMF_VARS.read_bytes())
+        machine_args += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+                    "-drive", f"if=pflash,format=raw,unit=1,file={store}"]
     args = [
-        "-kernel", str(kernel), "-initrd", str(image.initrd), *s3_args,
+        "-kernel", str(kernel), "-initrd", str(image.initrd), *machine_args,
         "-append", f"{BASE_APPEND} {append}".strip(),
         "-device", "qemu-xhci,id=xhci",
         "-drive", f"if=none,id=stickdrive,format=raw,file={image.stick},snapshot=on",
@@ -204,6 +216,15 @@ def ms(t: float | None, t0: float) -> float | None:
     return None if t is None else round((t - t0) * 1000, 1)
 
 
+GUEST_STAMP = re.compile(r"\[\s*(\d+\.\d+)\]")
+
+
+def guest_seconds(line) -> float | None:  # noqa: ANN001 (a qemu.Line or None)
+    """A console line's printk timestamp: the guest's own clock, free of the host's noise."""
+    m = None if line is None else GUEST_STAMP.search(line.text)
+    return float(m[1]) if m else None
+
+
 def trigger_and_measure(g: Guest, result: Result, pattern: bytes, trigger, poweroff_timeout: float = 300) -> None:
     """Pull the trigger (a callable), wait for the guest to power itself off, dump its
     memory and count the pattern; fill in the timings from the console's host times."""
@@ -232,6 +253,91 @@ def trigger_and_measure(g: Guest, result: Result, pattern: bytes, trigger, power
     }
     if uevent is not None and detect is not None and uevent > t0:
         result.notes["detect_to_reference_ratio"] = round((detect - t0) / (uevent - t0), 2)
+    result.notes["trigger"] = trigger_of(g, t0)
+    result.notes["after_reference_ms"] = after_reference_ms(g, t0)
+
+
+def trigger_of(g: Guest, t0: float) -> str | None:
+    """What killcord's `fire` line after t0 says fired it."""
+    fire = fire_line_after(g, t0)
+    return fire.text.split("trigger=", 1)[1].split(" realtime=")[0] if fire else None
+
+
+def after_reference_ms(g: Guest, t0: float) -> dict[str, float | bool | None]:
+    """killcord's detection and its kexec call after the reference listener's line, on the
+    guest's clock (negative: killcord was first).
+
+    Under load the reference (a normal task) may not have printed yet when killcord's kill
+    reached it: killcord was first, by an unknown margin. Its line would have come after
+    killcord's detection, so the times are then taken from the detection: upper bounds
+    (detect 0), and `upper_bound` says so."""
+    ref = guest_seconds(line_after(g, r"ref-uevent: remove ", t0))
+    fire = fire_line_after(g, t0)
+    fire_at = guest_seconds(fire)
+    detect_at = None if fire is None or fire_at is None else fire_at - logged_after_s(fire.text)
+    kexec_at = guest_seconds(line_after(g, r"killcord: kexec ", t0))
+    bound = ref is None and detect_at is not None
+    if bound:
+        ref = detect_at
+    times: dict[str, float | bool | None] = {
+        name: None if at is None or ref is None else round((at - ref) * 1000, 2)
+        for name, at in (("detect", detect_at), ("kexec", kexec_at))}
+    return {**times, "upper_bound": bound}
+
+
+# Loads to run while the medium goes (bench/vm_detect.py, scenario p): started detached in the
+# guest, killed with everything else when killcord fires.
+LOADS = {
+    # reads files of the live root, dropping each page after reading it: every read goes to
+    # the squashfs on the stick, and fails (with a kernel error line) once it is gone
+    "squashfs": ("""
+import os
+files = []
+for d, _, names in os.walk("/usr/lib/python3"):
+    files += [os.path.join(d, n) for n in names]
+while True:
+    for p in files:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.read(fd, 1 << 20)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+""", 4),
+    # 1,500 `change` uevents a second on an unrelated device (udev handles each); the count
+    # so far goes to /run/storm.count once a second
+    "storm": ("""
+import os, time
+rate = 1500
+fd = os.open("/sys/devices/virtual/mem/null/uevent", os.O_WRONLY)
+n, t0 = 0, time.monotonic()
+while True:
+    os.write(fd, b"change")
+    n += 1
+    if n % rate == 0:
+        with open("/run/storm.count", "w") as f:
+            f.write(f"{n} {time.monotonic() - t0:.3f}\\n")
+    ahead = n / rate - (time.monotonic() - t0)
+    if ahead > 0:
+        time.sleep(ahead)
+""", 1),
+}
+
+
+def start_load(g: Guest, kind: str) -> None:
+    source, copies = LOADS[kind]
+    g.run(f"cat > /run/load-{kind}.py <<'EOF'\n{source}\nEOF")
+    for _ in range(copies):
+        g.run(f"setsid -f python3 /run/load-{kind}.py </dev/null >/dev/null 2>&1")
+
+
+def storm_rate(g: Guest) -> int:
+    """Uevents a second the storm load has sent so far."""
+    n, secs = g.run("cat /run/storm.count")["out"].split()
+    return round(int(n) / float(secs))
 
 
 def suspend(g: Guest, timeout: float = 60) -> None:
