@@ -100,6 +100,20 @@ def test_wipe_claims_memory_and_the_kernel_agrees() -> None:
     assert wiped.ok and not wiped.error
 
 
+def test_the_live_wipe_hands_its_memory_over_still_held() -> None:
+    """The live fallback powers off holding what it claimed (releasing it cost seconds
+    under TCG, past the stage's deadline): given `hold`, the chunks stay mapped and
+    resident after the wipe returns, until the caller lets go."""
+    before = fallback.rss_anon()
+    held: list = []
+    wiped = fallback.wipe_free(time.monotonic() + 30, max_bytes=64 << 20, chunk=32 << 20, hold=held)
+    assert wiped.ok and len(held) == 2 and not any(m.closed for m in held)
+    assert fallback.rss_anon() - before >= 0.9 * (64 << 20)
+    for m in held:
+        m.close()
+    assert fallback.rss_anon() - before < 8 << 20
+
+
 def test_a_wipe_that_claimed_nothing_is_not_ok() -> None:
     wiped = fallback.wipe_free(time.monotonic() - 1, max_bytes=64 << 20)
     assert wiped.claimed_bytes == 0 and not wiped.ok
