@@ -456,3 +456,16 @@ def test_without_cap_sys_nice_it_arms_and_says_it_is_not_realtime(loopdev, env, 
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_status_says_what_arming_did_with_the_mor_bit(loopdev, env, start_daemon) -> None:
+    """On this machine (no UEFI) the firmware offers nothing, and status says so;
+    mor = "off" says nothing at all (tests/test_mor.py has the variable itself)."""
+    dev = loopdev()
+    proc = start_daemon(medium=dev)
+    mor = wait_for(env, "armed")["mor"]
+    assert not mor["offered"] and "not booted through UEFI" in mor["note"]
+    proc.terminate()
+    proc.wait(10)
+    start_daemon(medium=dev, mor="off")
+    assert wait_for(env, "armed")["mor"] is None

@@ -9,7 +9,6 @@ the test planted through the guest's real efivarfs.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import struct
 from pathlib import Path
@@ -135,35 +134,3 @@ def test_the_setting_is_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"mor \(KILLCORD_MOR\) = 'on'.*'auto' or 'off'"):
         load(toml)
 
-
-def test_the_daemon_says_what_it_did(loopdev, ramdir: Path) -> None:
-    """On this machine (no UEFI) status says the firmware offers nothing; mor = "off" says
-    nothing at all."""
-    import subprocess
-    import sys
-    import time
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KILLCORD_")}
-    config = ramdir / "k.toml"
-    config.write_text("")
-    env.update(KILLCORD_CONFIG=str(config), KILLCORD_STATE_DIR=str(ramdir), KILLCORD_MEDIUM=loopdev(),
-               KILLCORD_SOCKET=str(ramdir / "c.sock"), PYTHONPATH=str(Path(__file__).parents[1] / "src"))
-    cli = [sys.executable, "-m", "killcord.cli"]
-    for setting, expect in (("auto", "not booted through UEFI"), ("off", None)):
-        proc = subprocess.Popen(cli + ["daemon"], env=dict(env, KILLCORD_MOR=setting),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            for _ in range(100):
-                out = subprocess.run(cli + ["status", "--json"], env=env, capture_output=True, text=True)
-                if out.returncode == 0 and json.loads(out.stdout)["state"] == "armed":
-                    break
-                time.sleep(0.1)
-            status = json.loads(out.stdout)
-            assert status["state"] == "armed"
-            if expect is None:
-                assert status["mor"] is None
-            else:
-                assert not status["mor"]["offered"] and expect in status["mor"]["note"]
-        finally:
-            proc.terminate()
-            proc.wait(10)

@@ -71,10 +71,7 @@ class StageThread:
         """Run `job` there; the event is set when it returned."""
         tid = self._thread.native_id
         assert tid is not None  # started in __init__
-        try:
-            os.sched_setscheduler(tid, os.sched_getscheduler(0), os.sched_getparam(0))
-        except OSError:
-            pass  # no CAP_SYS_NICE: it runs as it is
+        sched.give(tid)
         done = threading.Event()
         self._jobs.put((job, done))
         return done

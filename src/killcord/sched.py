@@ -34,6 +34,15 @@ def normal() -> str:
     return set_policy(os.SCHED_OTHER, 0)
 
 
+def give(tid: int) -> None:
+    """Give thread `tid` (of this process) the calling thread's policy and priority; as it
+    is without CAP_SYS_NICE."""
+    try:
+        os.sched_setscheduler(tid, os.sched_getscheduler(0), os.sched_getparam(0))
+    except OSError:
+        pass
+
+
 def describe(tid: int = 0) -> str:
     """The thread's policy and priority, e.g. "SCHED_FIFO 50"."""
     policy = os.sched_getscheduler(tid)
