@@ -5,7 +5,8 @@ PY    := $(VENV)/bin/python
 # Debian 13 and 12: what `make deb` builds (make deb SUITE=trixie)
 SUITE ?= trixie bookworm
 APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libsystemd-dev util-linux e2fsprogs \
-                qemu-system-x86 qemu-utils ovmf mmdebstrap squashfs-tools zstd shellcheck busybox dmsetup
+                qemu-system-x86 qemu-utils ovmf mmdebstrap squashfs-tools zstd shellcheck busybox dmsetup \
+                dbus-daemon dbus-bin
 
 .PHONY: setup test test-unit test-vm-all demo demo-dry bench bench-vm bench-vm-detect clean deb
 

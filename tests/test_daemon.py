@@ -90,7 +90,7 @@ def start_daemon(env: dict[str, str]) -> Iterator[Callable[..., subprocess.Popen
 
         err = subprocess.PIPE if log is None else open(log, "w")  # noqa: SIM115 (the child owns it)
         proc = subprocess.Popen(CLI + ["daemon"], env=e, stdout=subprocess.PIPE, stderr=err, text=True,
-                                preexec_fn=limit)
+                                preexec_fn=limit, start_new_session=True)
         if log is not None:
             err.close()
         procs.append(proc)
@@ -105,6 +105,10 @@ def start_daemon(env: dict[str, str]) -> Iterator[Callable[..., subprocess.Popen
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        try:  # its standby, if the test left one behind (a daemon killed, then not restarted)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         for stream in (proc.stdout, proc.stderr):
             if stream:
                 stream.close()
@@ -320,13 +324,19 @@ def fake_lock_all() -> None:
     """mlockall in the test runner would lock all of pytest's memory."""
 
 
+def no_standby(_daemon: object) -> None:
+    """A standby forked from the test runner would be a copy of pytest (test_standby.py
+    runs the real one, from a real daemon)."""
+
+
 @pytest.fixture
 def in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKexec]:
-    from killcord import kexec, resident
+    from killcord import kexec, resident, standby
 
     fake = FakeKexec()
     monkeypatch.setattr(kexec, "stage", fake.stage)
     monkeypatch.setattr(resident, "lock_all", fake_lock_all)
+    monkeypatch.setattr(standby, "start", no_standby)
     yield fake
     arm_fds = sys.modules.get("killcord.arm_fds")  # the directories arm() held open
     if arm_fds is not None:
@@ -469,3 +479,26 @@ def test_status_says_what_arming_did_with_the_mor_bit(loopdev, env, start_daemon
     proc.wait(10)
     start_daemon(medium=dev, mor="off")
     assert wait_for(env, "armed")["mor"] is None
+
+
+def test_panic_keys_arm_without_a_keyboard_and_say_so(loopdev, env, start_daemon) -> None:
+    """This machine has no input device at all: with panic_keys set the daemon still arms
+    (a keyboard plugged in later is opened then), reads the keys in a second real-time
+    thread, and status and check say that no keyboard is open yet. The keyboards
+    themselves are read in a QEMU guest (tests/vm, scenario q)."""
+    proc = start_daemon(medium=loopdev(), panic_keys="Ctrl+Alt+Shift+K")
+    keys = wait_for(env, "armed")["panic_keys"]
+    assert keys["chord"] == "ctrl+alt+shift+k" and keys["keyboards"] == [] and keys["not_opened"] == []
+    assert keys["sched"] == "SCHED_FIFO 50"
+    assert sorted(_policies(proc.pid).values()).count(os.SCHED_FIFO) == 2  # the detector and the keys
+    assert "keys:     ctrl+alt+shift+k on 0 keyboard(s), SCHED_FIFO 50 (none open yet" in run_cli(env, "status").stdout
+    items = {i["name"]: i for i in json.loads(run_cli(env, "check", "--json").stdout)["items"]}
+    assert not items["panic_keys"]["ok"] and "plug in a keyboard" in items["panic_keys"]["fix"]
+
+
+def test_a_chord_one_key_can_complete_is_refused_at_start(loopdev, env, start_daemon) -> None:
+    proc = start_daemon(medium=loopdev(), panic_keys="ctrl+leftctrl+k")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    assert "panic_keys" in err and "'ctrl+leftctrl+k'" in err and "name each key once" in err
+    assert not Path(env["KILLCORD_SOCKET"]).exists()  # never armed

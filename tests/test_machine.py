@@ -20,13 +20,17 @@ from killcord.events import (
     CheckMedium,
     Disarm,
     Finished,
+    GraceEnded,
+    MediumBack,
     MediumCheck,
     Outcome,
     Panic,
+    PanicKeys,
     Rearm,
     RunStage,
     Stage,
     StageEnded,
+    StartGrace,
     State,
     Tick,
     Uevent,
@@ -205,12 +209,15 @@ uevents = st.builds(Uevent, st.sampled_from(["add", "remove", "change", "bind", 
 external = st.one_of(
     uevents,
     st.builds(Panic, st.integers(0, 2000), st.integers(1, 2**22)),
+    st.builds(PanicKeys, st.just("ctrl+alt+shift+k"), st.sampled_from(["/dev/input/event2 (AT kbd)", "/dev/input/event9"])),
     st.builds(MediumCheck, st.booleans(), st.sampled_from(["start", "enobufs", "resume"])),
     st.builds(Armed, st.frozensets(devpaths, max_size=4), st.frozensets(devpaths, max_size=2)),
     st.builds(StageEnded, st.sampled_from(STAGES), st.sampled_from(list(Outcome)), st.floats(0, 1e4)),
     st.builds(Disarm, st.floats(0, 100), st.integers(0, 2000), st.sampled_from(["", "moving the stick"])),
     st.builds(Rearm, st.integers(0, 2000)),
     st.builds(Tick, st.floats(0, 100)),
+    st.just(GraceEnded()),
+    st.builds(MediumBack, st.frozensets(devpaths, min_size=1, max_size=3)),
 )
 outcome_lists = st.lists(st.sampled_from(list(Outcome)), min_size=len(STAGES), max_size=len(STAGES))
 
@@ -266,18 +273,24 @@ def test_every_triggered_sequence_finishes_in_order_with_the_kill_first(
 class MachineModel(RuleBasedStateMachine):
     """Arbitrary interleavings of external events and stage results."""
 
+    grace_ms = 0
+
     def __init__(self) -> None:
         super().__init__()
-        self.m = Machine(DEFAULT_DEADLINES_MS)
+        self.m = Machine(DEFAULT_DEADLINES_MS, self.grace_ms)
         self.pending: RunStage | None = None
+        self.graces = 0
         self.ran: list[Stage] = []
         self.finished = 0
 
     def _take(self, actions: list) -> None:
         assert len(actions) <= 1
         for a in actions:
-            if isinstance(a, CheckMedium):  # only when a disarm ends, back to armed
-                assert self.pending is None and self.m.state is State.ARMED
+            if isinstance(a, CheckMedium):  # when a disarm ends (back to armed) or a grace period does
+                assert self.pending is None and self.m.state in (State.ARMED, State.GRACE)
+            elif isinstance(a, StartGrace):
+                assert self.grace_ms and a.ms == self.grace_ms and self.m.state is State.GRACE
+                self.graces += 1
             elif isinstance(a, Finished):
                 self.finished += 1
                 self.pending = None
@@ -314,10 +327,72 @@ class MachineModel(RuleBasedStateMachine):
         assert (self.m.state is State.DISARMED) == (self.m.disarmed_until is not None)
         if self.ran:
             assert self.ran[0] is Stage.KILL and self.m.trigger is not None
+        assert (self.m.state is State.GRACE) == (self.m.grace is not None)
+        if not self.grace_ms:
+            assert self.graces == 0 and self.m.state is not State.GRACE
 
 
 TestMachineModel = MachineModel.TestCase
 TestMachineModel.settings = settings(max_examples=300, stateful_step_count=40)
+
+
+class GraceModel(MachineModel):
+    """The same, with a grace period: the same invariants hold, and a medium trigger
+    fires only through one (checked by test_grace_* below for the exact course)."""
+
+    grace_ms = 1500
+
+
+TestGraceModel = GraceModel.TestCase
+TestGraceModel.settings = settings(max_examples=300, stateful_step_count=40)
+
+
+# ---- grace: a notice first, then fire unless the medium is back ----
+
+NEW_DISK = "/devices/pci0000:00/0000:00:14.0/usb2/2-2/2-2:1.0/host7/target7:0:0/7:0:0:0/block/sdc"
+
+
+def graced() -> Machine:
+    m = Machine(DEFAULT_DEADLINES_MS, grace_ms=1500)
+    m.feed(Armed(WATCHED))
+    return m
+
+
+def test_grace_a_removal_starts_it_and_fires_when_it_ends_with_the_medium_gone() -> None:
+    m = graced()
+    assert m.feed(Uevent("remove", DISK)) == [StartGrace(f"uevent remove {DISK}", 1500)]
+    assert m.state is State.GRACE
+    assert m.feed(Uevent("remove", USB)) == [] and m.held_triggers == 1  # one period, not two
+    assert m.feed(MediumCheck(True, "enobufs")) == [] and m.state is State.GRACE  # decided at the end only
+    assert m.feed(GraceEnded()) == [CheckMedium("grace ended")]
+    assert m.feed(MediumCheck(False, "grace ended: sda gone")) == [RunStage(Stage.KILL, DEFAULT_DEADLINES_MS[Stage.KILL])]
+    assert m.trigger == f"uevent remove {DISK}, gone still when the grace period ended"
+
+
+def test_grace_the_medium_back_in_time_stays_armed_and_is_watched_where_it_is_now() -> None:
+    m = graced()
+    m.feed(Uevent("remove", DISK))
+    assert m.feed(MediumBack(frozenset({NEW_DISK}))) == []  # before the end: not yet
+    m.feed(GraceEnded())
+    assert m.feed(MediumBack(frozenset({NEW_DISK}))) == [] and m.state is State.ARMED
+    assert m.feed(Uevent("remove", DISK)) == []  # the old devpaths are gone for good
+    assert m.feed(Uevent("remove", NEW_DISK)) == [StartGrace(f"uevent remove {NEW_DISK}", 1500)]
+    m.feed(GraceEnded())
+    assert m.feed(MediumCheck(True, "grace ended")) == [] and m.state is State.ARMED  # same devpaths, back
+
+
+def test_grace_a_panic_never_waits_and_a_disarm_ends_the_period() -> None:
+    m = graced()
+    m.feed(Uevent("remove", DISK))
+    assert m.feed(PanicKeys("ctrl+alt+shift+k", "kbd")) == [RunStage(Stage.KILL, DEFAULT_DEADLINES_MS[Stage.KILL])]
+    m = graced()
+    assert m.feed(Panic(0, 1))[0] == RunStage(Stage.KILL, DEFAULT_DEADLINES_MS[Stage.KILL])  # no grace for it
+    m = graced()
+    m.feed(Uevent("remove", DISK))
+    assert m.feed(Disarm(60.0, 0, "pulled it on purpose")) == [] and m.state is State.DISARMED
+    assert m.feed(GraceEnded()) == [] and m.state is State.DISARMED  # the edge's timer, late: nothing
+    assert m.feed(Tick(61.0)) == [CheckMedium("disarm ended")]
+    assert m.feed(MediumCheck(False, "disarm ended")) == [StartGrace("medium absent (disarm ended)", 1500)]
 
 
 # ---- disarm: a while without the cord, never without panic ----
@@ -355,6 +430,17 @@ def test_a_panic_fires_while_disarmed() -> None:
     assert m.feed(Panic(0, 1)) == [RunStage(Stage.KILL, DEFAULT_DEADLINES_MS[Stage.KILL])]
     assert m.state is State.FIRING and m.disarmed_until is None
     assert m.feed(Tick(11.0)) == [] and m.feed(Rearm(0)) == []  # the sequence goes on
+
+
+def test_the_panic_keys_fire_as_a_panic_does_while_arming_armed_or_disarmed() -> None:
+    keys = PanicKeys("ctrl+alt+shift+k", "/dev/input/event3 (QEMU USB Keyboard)")
+    m = Machine(DEFAULT_DEADLINES_MS)
+    assert m.feed(keys) == [RunStage(Stage.KILL, DEFAULT_DEADLINES_MS[Stage.KILL])]
+    assert m.trigger == "panic keys ctrl+alt+shift+k on /dev/input/event3 (QEMU USB Keyboard)"
+    m = armed()
+    m.feed(Disarm(10.0, 1000, "moving the stick"))
+    assert m.feed(keys) == [RunStage(Stage.KILL, DEFAULT_DEADLINES_MS[Stage.KILL])]
+    assert m.held_triggers == 0 and m.feed(keys) == [] and m.ignored_triggers == 1
 
 
 def test_arm_ends_a_disarm_early_and_looks_at_the_medium() -> None:

@@ -28,7 +28,7 @@ CONFFILE = ROOT / "packaging" / "killcord.toml"
 
 # What killcord.service may hold at most (see the comments in the unit for each one).
 ALLOWED_CAPS = {"CAP_SYS_BOOT", "CAP_KILL", "CAP_SYS_ADMIN", "CAP_IPC_LOCK", "CAP_SYS_RESOURCE", "CAP_NET_ADMIN",
-                "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_SYS_NICE"}
+                "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_SYS_NICE", "CAP_SETUID", "CAP_SETGID"}
 # Sandboxing that would break firing (each explained in the unit): must stay off.
 BREAKS_FIRING = {
     "ProtectKernelTunables": "makes /proc/sys and /proc/sysrq-trigger read-only",

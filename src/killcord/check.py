@@ -145,6 +145,8 @@ def _daemon_items(config: Config, drop_caches: bool) -> list[Item]:
         detail += f"; medium: none ({status.medium_note})"
     items = [Item("daemon", armed, True, detail, "" if armed else "see `killcord status` and the journal")]
     return items + [_resident_item(status, drop_caches), _fallback_item(status.pid), detector_item(status.detector),
+                    standby_item(status.standby), grace_item(config, status.grace),
+                    panic_keys_item(config, status.panic_keys),
                     wipe_target_item(config, status.kexec)]
 
 
@@ -157,6 +159,56 @@ def detector_item(detector: str | None) -> Item:
     return Item("realtime", ok, False, f"uevent detector: {detector}",
                 "" if ok else "give the daemon CAP_SYS_NICE (the packaged unit does) and do not set "
                 "RestrictRealtime=; then systemctl restart killcord")
+
+
+def standby_item(spare: dict | None) -> Item:
+    """The standby (standby.py): forked, alive, and in a scope of its own."""
+    if spare is None:
+        return Item("standby", False, False, "none: a daemon killed with the medium gone meanwhile would leave "
+                    "nothing armed", "restart killcord (an older daemon)")
+    pid = int(spare["pid"])
+    if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+        return Item("standby", False, False, f"pid {pid} is gone", "restart killcord; see the journal for why it ended")
+    detail = f"pid {pid}, {spare.get('note')}"
+    if not spare.get("scope"):
+        return Item("standby", False, False, detail, "run killcord under systemd (the packaged unit), which gives "
+                    "the standby a scope unit of its own")
+    return Item("standby", True, False, detail)
+
+
+def grace_item(config: Config, grace: dict | None) -> Item:
+    """The grace period (grace_ms): off, or how long and what counts as the medium back."""
+    if grace is None and not config.grace_ms:
+        return Item("grace", True, False, "off: a pulled medium fires at once")
+    if grace is None:
+        return Item("grace", False, False, f"grace_ms = {config.grace_ms} is set, but the daemon does not use it",
+                    "restart killcord (an older daemon, or the config changed since it started)")
+    detail = f"{grace['ms']} ms, with a notice on the console, every terminal and every graphical session"
+    if not grace.get("back_if"):
+        return Item("grace", False, False, detail + "; nothing identifies the medium (no serial number, no loop "
+                    "file), so it can never count as back: the period only delays the firing",
+                    "set grace_ms = 0, or use a medium with a serial number")
+    return Item("grace", True, False, f"{detail}; back means {grace['back_if']} (anyone holding the medium can "
+                "put it back in time: the period is a convenience, not a protection)")
+
+
+def panic_keys_item(config: Config, keys: dict | None) -> Item:
+    """The panic key chord (keyboards.py) as the running daemon reads it: from how many
+    keyboards, real-time or not; or off."""
+    if keys is None and not config.panic_keys:
+        return Item("panic_keys", True, False, "off (panic_keys is not set)")
+    if keys is None:
+        return Item("panic_keys", False, False, f"{config.panic_keys} is set, but the daemon does not read the keys",
+                    "restart killcord (an older daemon, or the config changed since it started)")
+    boards = keys.get("keyboards") or []
+    sched = str(keys.get("sched"))
+    detail = f"{keys.get('chord')} on {len(boards)} keyboard(s), {sched}"
+    if not boards:
+        return Item("panic_keys", False, False, detail + "; none open",
+                    "plug in a keyboard (it is opened then); `killcord status` lists the keyboards and any not opened")
+    if not sched.startswith("SCHED_FIFO"):
+        return Item("panic_keys", False, False, detail, "give the daemon CAP_SYS_NICE (the packaged unit does)")
+    return Item("panic_keys", True, False, detail)
 
 
 WIPE_TARGET_FIX = ("apt install busybox-static (the package builds it), or `killcord wipe-target build`; "

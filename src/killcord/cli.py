@@ -202,6 +202,27 @@ def _render_status(s) -> str:  # noqa: ANN001  (control.StatusReply)
     if s.detector:
         lines.append(f"detector: {s.detector}" + ("" if s.detector.startswith("SCHED_FIFO")
                                                   else " (not real-time: detection may wait behind a busy system)"))
+    if s.standby is not None:
+        lines.append(f"standby:  pid {s.standby['pid']}, {s.standby.get('note')}")
+    if s.grace is not None:
+        g = s.grace
+        back = f"back means {g['back_if']}" if g.get("back_if") else "nothing identifies the medium: it cannot come back"
+        if g.get("seconds_left") is not None:
+            lines.append(f"grace:    firing in {g['seconds_left']} s unless the medium is back ({g.get('trigger')}); {back}")
+        else:
+            lines.append(f"grace:    {g['ms']} ms: a pulled medium fires then, unless it is back; {back}")
+        if g.get("notices"):
+            n = g["notices"]
+            lines.append(f"          last notice: terminals {n.get('terminals')}, desktops {n.get('desktops')}"
+                         + (f", not reached {n['not_reached']}" if n.get("not_reached") else ""))
+    if s.panic_keys is not None:
+        pk = s.panic_keys
+        boards = pk.get("keyboards") or []
+        lines.append(f"keys:     {pk.get('chord')} on {len(boards)} keyboard(s), {pk.get('sched')}"
+                     + ("" if boards else " (none open yet: one plugged in is opened then)"))
+        lines += [f"          {b['node']} ({b['name']})" + (", plugged in after arming" if b.get("hotplugged") else "")
+                  for b in boards]
+        lines += [f"          not opened: {why}" for why in pk.get("not_opened") or []]
     if s.trigger:
         lines.append(f"trigger:  {s.trigger}")
     for st in s.stages:

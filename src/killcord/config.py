@@ -20,7 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from killcord import cmdline
+from killcord import chord, cmdline
 from killcord.control import MAX_DISARM_S
 from killcord.events import STAGES, Stage
 
@@ -35,6 +35,7 @@ DEFAULT_DEADLINES_MS: dict[Stage, int] = {
     Stage.SYSRQ: 5000,
 }
 MAX_DEADLINE_MS = 120_000
+MAX_GRACE_MS = 300_000
 
 _MEDIUM_FORMS = ("auto", "/dev/...", "serial:<serial>", "uuid:<uuid>", "id-path:<id-path>")
 _CORD = re.compile(r"^serial:(?P<serial>[^@\s]+)@(?P<port>\d+-\d+(\.\d+)*)$")
@@ -60,6 +61,8 @@ class Config(BaseSettings):
     stage_deadlines_ms: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_DEADLINES_MS))
     cord: str | None = None
     disarm_max_s: int = 300  # the longest `killcord disarm --for` allowed
+    grace_ms: int = 0  # a pulled medium fires after this, unless it is back (0: at once)
+    panic_keys: str = ""  # a key chord that fires, e.g. "ctrl+alt+shift+k" (chord.py); "" is off
     mor: Literal["auto", "off"] = "auto"  # set the firmware's MOR bit at arm time where offered (mor.py)
     live_medium_mount: Path = Path("/run/live/medium")
 
@@ -110,6 +113,23 @@ class Config(BaseSettings):
         except cmdline.CmdlineError as exc:
             raise ValueError(f"{exc}; {exc.fix}") from None
         return v
+
+    @field_validator("grace_ms")
+    @classmethod
+    def _grace(cls, v: int) -> int:
+        if not 0 <= v <= MAX_GRACE_MS:
+            raise ValueError(f"{v} is not 0 (fire at once) to {MAX_GRACE_MS} ms")
+        return v
+
+    @field_validator("panic_keys")
+    @classmethod
+    def _panic_keys(cls, v: str) -> str:
+        if not v:
+            return v
+        try:
+            return chord.parse(v).text
+        except chord.ChordError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("panic_group")
     @classmethod

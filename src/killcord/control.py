@@ -102,6 +102,13 @@ class StatusReply:
     clients: dict[str, int] | None = None  # control connections: open, evicted, expired
     detector: str | None = None  # the uevent detector thread's scheduling: "SCHED_FIFO 50" when armed
     mor: dict[str, Any] | None = None  # the firmware's MOR bit as arming left it (mor.MorState); None: mor = "off"
+    # the standby (standby.py): pid, scope (its own unit, or None), note
+    standby: dict[str, Any] | None = None
+    # with grace_ms set: ms, back_if (the medium's identity), trigger and seconds_left while it
+    # runs, notices (the last notice: terminals, desktops, not_reached)
+    grace: dict[str, Any] | None = None
+    # with panic_keys set: chord, sched (the keys thread's), keyboards (node, name, hotplugged), not_opened
+    panic_keys: dict[str, Any] | None = None
     ok: bool = True
 
 

@@ -6,6 +6,8 @@ SCHED_FIFO: when the medium goes, it is the first task the kernel wakes, ahead o
 systemd and whatever fails on the missing medium, and it fires from there. The main thread
 serves the control socket, signals and the watchdog as a normal task: a local user's flood
 of connections then competes for CPU as any process does, never at real-time priority.
+With panic_keys set, a third thread (read_keys) reads the keyboards, real-time as well:
+only root and the hardware write to them, and a frozen desktop must not delay the chord.
 Only the detector's uevents are real-time work, and the kernel's filter (watch.set_filter)
 lets through nothing but what can fire. One lock serializes everything the machine sees.
 """
@@ -28,9 +30,15 @@ from typing import Any
 
 import structlog
 
-from killcord import __version__, arm_fds, control, kexec, log, medium, mor, resident, sched, statedir, watch
+from killcord import (
+    __version__, arm_fds, chord, control, kexec, keyboards, log, medium, mor, notice, resident, sched, standby,
+    statedir, watch,
+)
 from killcord.config import Config
-from killcord.events import Armed, CheckMedium, Disarm, Event, MediumCheck, Panic, Rearm, State, Tick, Uevent
+from killcord.events import (
+    Armed, CheckMedium, Disarm, Event, GraceEnded, MediumBack, MediumCheck, Panic, PanicKeys, Rearm, StartGrace, State,
+    Tick, Uevent,
+)
 from killcord.fire import Firer
 from killcord.machine import Machine
 
@@ -65,8 +73,12 @@ def fs_type(path: Path) -> str:
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.machine = Machine(config.deadlines)
+        self.machine = Machine(config.deadlines, config.grace_ms)
         self.medium: medium.Medium | None = None
+        self.identity: str | None = None  # what makes the medium the same one if it comes back (grace_ms)
+        self.grace_until: float | None = None  # GRACE: when it ends (monotonic); the main loop times it
+        self.notices: dict[str, list[str]] | None = None  # the last grace notice: who was reached
+        self._wake: socket.socket | None = None  # wakes the main loop (a grace period to time)
         self.medium_note: str | None = None  # why no medium is watched, when none is
         self.cord: medium.Medium | None = None
         self.staged: kexec.Staged | None = None
@@ -86,6 +98,9 @@ class Daemon:
         self.closed = False  # set under the lock when the loop ends: nothing is fed after
         self.detector_sched = "not started"  # the detector thread's policy, or why not real-time
         self.detector_error: str | None = None
+        self.keyboards: keyboards.Keyboards | None = None  # with panic_keys set
+        self.keys_sched = "not started"
+        self.standby: standby.Standby | None = None
         self.overflows = 0
         self.refusals: dict[str, tuple[float, int]] = {}  # command: (last logged, not logged since)
         self.backlog_since: float | None = None  # uevents left queued since (a storm)
@@ -116,6 +131,13 @@ class Daemon:
             except medium.MediumError as exc:
                 raise ArmError(str(exc)) from None
         self._check_state_dir()
+        if cfg.panic_keys:
+            try:  # the keyboards present now; later ones on the kernel's `add` (keyboards.py)
+                self.keyboards = keyboards.Keyboards(chord.parse(cfg.panic_keys))
+            except (OSError, ValueError) as exc:
+                raise ArmError(f"panic_keys: cannot watch the keyboards: {exc}; unset panic_keys to arm "
+                               "without them") from None
+            logger.info("panic_keys", chord=cfg.panic_keys, keyboards=len(self.keyboards.open))
         try:
             for setting, kind in ((cfg.kexec_kernel, "kernel"), (cfg.kexec_initrd, "initrd")):
                 kexec.find_image(setting, kind, cfg.live_medium_mount)  # a bad explicit path
@@ -142,7 +164,6 @@ class Daemon:
             self.mor = mor.arm(cfg.live)
             logger.info("mor", **self.mor.as_dict())
         self.firer = Firer(self.machine, self.staged, cfg.state_dir, cfg.live)
-        self.firer.keep_stage_thread()
         self._lock()
         watched = frozenset(self.medium.devpaths if self.medium else ()) | frozenset(
             self.cord.devpaths if self.cord else ())
@@ -157,6 +178,10 @@ class Daemon:
         self.machine.feed(Armed(watched, media))
         logger.info("armed", medium=self.medium.device if self.medium else None,
                     watched=len(watched), kexec_loaded=self.staged.loaded, note=self.medium_note)
+        # Forked while this is the only thread (a fork keeps the calling thread alone);
+        # the stage thread and the detectors start after it, in each process.
+        self.standby = standby.start(self)
+        self.firer.keep_stage_thread()
         on = self.medium.device if self.medium else f"nothing ({self.medium_note or 'no medium'})"
         log.notify(READY=1, STATUS=f"armed on {on}")
         # Removed before or while we armed (e.g. during a restart): fire now.
@@ -182,7 +207,8 @@ class Daemon:
                 raise ArmError(str(exc)) from None
             self.absent = f"armed earlier this boot on {recorded}, gone now"
         if self.medium:
-            logger.info("medium", **self.medium.as_dict())
+            self.identity = medium.identity(self.medium)
+            logger.info("medium", identity=self.identity, **self.medium.as_dict())
 
     def _check_state_dir(self) -> None:
         kind = fs_type(self.config.state_dir)
@@ -218,6 +244,7 @@ class Daemon:
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         signal.set_wakeup_fd(wake_w.fileno())
+        self._wake = wake_w
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
         sel.register(self.server.fileno(), selectors.EVENT_READ, "accept")
@@ -225,12 +252,15 @@ class Daemon:
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         detector = threading.Thread(target=self.detect, args=(wake_w,), name="detector", daemon=True)
         detector.start()
+        if self.keyboards is not None:
+            threading.Thread(target=self.read_keys, args=(wake_w,), name="keys", daemon=True).start()
         interval = log.watchdog_interval()
         last_ping = time.monotonic()
         while not self.stopping:
             if self.detector_error is not None:
-                # never armed without a detector: exit non-zero, systemd restarts and re-arms us
-                raise RuntimeError(f"the uevent detector stopped: {self.detector_error}")
+                # never armed without a detector (or the keys asked for): exit non-zero,
+                # systemd restarts and re-arms us
+                raise RuntimeError(f"a detector stopped: {self.detector_error}")
             for key, mask in sel.select(self._timeout(interval, last_ping)):
                 if key.data == "accept":
                     self.on_accept()
@@ -246,6 +276,7 @@ class Daemon:
             until = self.machine.disarmed_until
             if until is not None and time.monotonic() >= until:
                 self.feed(Tick(time.monotonic()))  # the disarm ran out: the machine asks for a look
+            self._grace_tick()
             if interval is not None and time.monotonic() - last_ping >= interval:
                 log.notify(WATCHDOG=1)
                 last_ping = time.monotonic()
@@ -253,6 +284,8 @@ class Daemon:
             self.closed = True
         log.notify(STOPPING=1)
         logger.info("stopping", state=self.machine.state.value)
+        if self.standby is not None:
+            self.standby.stop()  # a clean stop: nothing for it to take over
         self.server.close()
 
     def detect(self, wake: socket.socket) -> None:
@@ -270,12 +303,29 @@ class Daemon:
                     sel.select(BACKLOG_RECHECK_S if self.backlog_since is not None else None)
                     self.on_uevents()
         except Exception as exc:  # the daemon must not go on armed without it
-            self.detector_error = f"{type(exc).__name__}: {exc}"
-            logger.critical("detector_failed", error=self.detector_error)
-            try:
-                wake.send(b"!")
-            except OSError:
-                pass
+            self._detector_failed("detector", exc, wake)
+
+    def _detector_failed(self, which: str, exc: Exception, wake: socket.socket) -> None:
+        """A detector thread died: the main loop raises, and systemd restarts and re-arms us."""
+        self.detector_error = f"{which}: {type(exc).__name__}: {exc}"
+        logger.critical("detector_failed", which=which, error=self.detector_error)
+        try:
+            wake.send(b"!")
+        except OSError:
+            pass
+
+    def read_keys(self, wake: socket.socket) -> None:
+        """The keys thread: real-time like the detector; fires when the chord is complete
+        on a keyboard. A failure here stops the daemon as the detector's does."""
+        assert self.keyboards is not None
+        took = sched.realtime()
+        self.keys_sched = sched.describe() + ("" if took == "ok" else f" ({took})")
+        try:
+            while not self.closed:
+                keyboard = self.keyboards.wait()
+                self.feed(PanicKeys(self.config.panic_keys, keyboard))
+        except Exception as exc:
+            self._detector_failed("keys", exc, wake)
 
     def _timeout(self, interval: float | None, last_ping: float) -> float | None:
         now = time.monotonic()
@@ -285,7 +335,71 @@ class Daemon:
             waits.append(deadline - now)
         if self.machine.disarmed_until is not None:
             waits.append(self.machine.disarmed_until - now)
+        if self.grace_until is not None:
+            waits.append(self.grace_until - now)
         return max(0.0, min(waits)) if waits else None
+
+    def _grace_tick(self) -> None:
+        with self.lock:
+            if self.grace_until is not None and time.monotonic() >= self.grace_until:
+                self.grace_until = None
+                self.feed(GraceEnded())  # the machine asks for a look: back, or fire
+
+    def _start_grace(self, start: StartGrace, detected: float) -> None:
+        """A grace period began: time it (the main loop), tell the people at the machine."""
+        self.grace_until = detected + start.ms / 1000
+        seconds = f"{start.ms / 1000:g}"
+        logger.critical("grace", seconds=seconds, trigger=start.reason, back_if=self.identity,
+                        note="fires when it ends unless the medium is back; `killcord disarm` stands down")
+        text = (f"killcord: the boot medium is gone. In {seconds} s every program stops and memory is wiped, "
+                "unless it is back" + ("" if self.config.live else " (dry-run: nothing will happen)") + ".")
+
+        def tell() -> None:
+            self.notices = notice.tell(text, start.ms)
+            logger.info("notice", **self.notices)
+
+        threading.Thread(target=tell, name="notice", daemon=True).start()
+        if self._wake is not None:
+            try:
+                self._wake.send(b"g")  # the main loop takes the new deadline into its wait
+            except OSError:
+                pass
+
+    def _look_back(self, reason: str) -> None:
+        """The grace period ended: the medium found by its identity, wherever it is now (a
+        stick plugged in again has new devpaths; another device may have taken the old
+        ones), counts as back, as does the cord at its port; otherwise fire. A medium with
+        no identity counts as back only where it was."""
+        found: dict[str, medium.Medium] = {}
+        for name, m in (("medium", self.medium), ("cord", self.cord)):
+            if m is None:
+                continue
+            try:
+                if name == "cord":
+                    again = medium.resolve_cord(self.config.cord or "") if not medium.present(m) else m
+                elif self.identity is not None:
+                    again = medium.find_again(self.identity)
+                else:
+                    again = m if medium.present(m) else None
+            except medium.MediumError:
+                again = None
+            if again is None:
+                self.feed(MediumCheck(False, f"{reason}: {m.device} not back"))
+                return
+            found[name] = again
+        self.medium = found.get("medium", self.medium)
+        self.cord = found.get("cord", self.cord)
+        watched = frozenset(self.medium.devpaths if self.medium else ()) | frozenset(
+            self.cord.devpaths if self.cord else ())
+        media = self.medium.media_watched if self.medium else frozenset()
+        try:
+            self.watcher.set_filter(media)
+            if self.medium is not None:
+                medium.remember(self.medium, self.config.state_dir)
+        except (ValueError, OSError) as exc:
+            logger.warning("rewatch_incomplete", error=str(exc))
+        logger.warning("back", device=self.medium.device if self.medium else None, watched=len(watched))
+        self.feed(MediumBack(watched, media))
 
     def _stop(self, signum: int, _frame: Any) -> None:
         if self.machine.state is State.FIRING:
@@ -426,7 +540,7 @@ class Daemon:
         if request.seconds > cap:
             return control.ErrorReply(f"disarm for {request.seconds} s refused: at most disarm_max_s = {cap} s "
                                       "(/etc/killcord/killcord.toml); ask for less"), None
-        if self.machine.state not in (State.ARMED, State.DISARMED):
+        if self.machine.state not in (State.ARMED, State.DISARMED, State.GRACE):  # a disarm ends a grace period
             return control.ErrorReply(f"cannot disarm: killcord is {self.machine.state.value}"), None
         logger.warning("disarm", uid=peer.uid, pid=peer.pid, seconds=request.seconds, reason=request.reason)
         self.feed(Disarm(time.monotonic() + request.seconds, peer.uid, request.reason))
@@ -473,13 +587,23 @@ class Daemon:
             self.events.append({"at": received, "event": type(event).__name__, **_fields(event), "fired": fired})
 
         checks = [a for a in actions if isinstance(a, CheckMedium)]
+        if checks and self.machine.state is State.GRACE:  # the grace period ended
+            record(False)
+            self._look_back(checks[0].reason)
+            return
         if checks:  # a disarm ended: look now (a MediumCheck back in, which fires if it is gone)
             record(False)
             logger.warning("rearmed", reason=checks[0].reason)
             self.recheck(checks[0].reason)
             return
+        graces = [a for a in actions if isinstance(a, StartGrace)]
+        if graces:
+            record(False)
+            self._start_grace(graces[0], detected)
+            return
         if self.machine.held_triggers > held:
-            logger.warning("held", kind=type(event).__name__, note="disarmed: not firing", **_fields(event))
+            note = "disarmed: not firing" if self.machine.state is State.DISARMED else "in the grace period already"
+            logger.warning("held", kind=type(event).__name__, note=note, **_fields(event))
         if actions:
             assert self.firer is not None
             if self.firing_lock is not None:
@@ -525,6 +649,15 @@ class Daemon:
                 "open": len(server.clients), "evicted": server.evicted, "expired": server.expired},
             detector=self.detector_sched,
             mor=None if self.mor is None else self.mor.as_dict(),
+            standby=None if self.standby is None else self.standby.as_dict(),
+            grace=None if not self.config.grace_ms else {
+                "ms": self.config.grace_ms, "back_if": self.identity, "notices": self.notices,
+                "trigger": m.grace, "seconds_left": None if self.grace_until is None or m.state is not State.GRACE
+                else round(max(0.0, self.grace_until - time.monotonic()), 1)},
+            panic_keys=None if self.keyboards is None else {
+                "chord": self.config.panic_keys, "sched": self.keys_sched,
+                "keyboards": [k.as_dict() for k in self.keyboards.keyboards()],
+                "not_opened": list(self.keyboards.refused)},
         )
 
 

@@ -13,6 +13,7 @@ class State(StrEnum):
     ARMING = "arming"
     ARMED = "armed"
     DISARMED = "disarmed"  # for a while, asked by root or panic_group: the medium may go, panic still fires
+    GRACE = "grace"  # the medium went, grace_ms is set: fires when it ends unless the medium is back
     FIRING = "firing"
     FIRED = "fired"
 
@@ -88,6 +89,14 @@ class Panic:
 
 
 @dataclass(frozen=True)
+class PanicKeys:
+    """The panic key chord, held on one keyboard (keyboards.py). Fires as Panic does."""
+
+    chord: str
+    keyboard: str  # its device node and name
+
+
+@dataclass(frozen=True)
 class StageEnded:
     stage: Stage
     outcome: Outcome
@@ -113,13 +122,28 @@ class Rearm:
 
 
 @dataclass(frozen=True)
+class GraceEnded:
+    """The grace period (grace_ms, timed by the edge from StartGrace) ran out."""
+
+
+@dataclass(frozen=True)
+class MediumBack:
+    """At the end of a grace period the medium was found again by its identity (serial,
+    UUID): a stick plugged back in gets new devpaths, which are watched from now on."""
+
+    watched: frozenset[str]
+    media_watched: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
 class Tick:
     """The daemon's clock, for a disarm that runs out."""
 
     now: float
 
 
-Event = Armed | Uevent | MediumCheck | Panic | StageEnded | Disarm | Rearm | Tick
+Event = (Armed | Uevent | MediumCheck | Panic | PanicKeys | StageEnded | Disarm | Rearm | Tick | GraceEnded
+         | MediumBack)
 
 
 # ---- actions (machine -> edges) ----
@@ -147,4 +171,13 @@ class CheckMedium:
     reason: str
 
 
-Action = RunStage | Finished | CheckMedium
+@dataclass(frozen=True)
+class StartGrace:
+    """The medium went and grace_ms is set: tell the people at the machine, and feed
+    GraceEnded after `ms`. A panic meanwhile fires at once."""
+
+    reason: str
+    ms: int
+
+
+Action = RunStage | Finished | CheckMedium | StartGrace

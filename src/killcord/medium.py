@@ -442,6 +442,45 @@ def gone(devpaths: tuple[str, ...] | list[str], blocks: tuple[str, ...] | list[s
     return None
 
 
+def identity(m: Medium) -> str | None:
+    """What makes this medium the same one when it comes back under new devpaths (a stick
+    plugged in again gets a new SCSI host, a new sdX): the serial number of the nearest
+    device on its chain that has one (a USB stick's), with vendor and product where the bus
+    has them, or a loop device's backing file; and which partition. Read from sysfs alone,
+    at arm time, while it is there. None: nothing tells it apart, so it never counts as back."""
+    first = SYS / m.disk.lstrip("/")
+    part = _read(first / "partition")
+    where = f"#part{part}" if part else "#disk"
+    for d in m.devpaths:
+        base = SYS / d.lstrip("/")
+        backing = _read(base / "loop" / "backing_file")
+        if backing:
+            return f"loop:{backing}{where}"
+        serial = _read(base / "serial")
+        if serial:
+            return f"serial:{_read(base / 'idVendor')}:{_read(base / 'idProduct')}:{serial}{where}"
+    return None
+
+
+def find_again(ident: str) -> Medium | None:
+    """The block device that now has `ident` (identity()), if one does."""
+    for block in sorted((SYS / "class" / "block").iterdir()):
+        try:
+            m = _from_sys_path(block.resolve(), f"/dev/{block.name}", "back")
+        except MediumError:
+            continue  # virtual, nowhere physical: never ours
+        if identity(m) == ident and gone(m.devpaths, m.blocks) is None:
+            return m
+    return None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
 def present(medium: Medium) -> bool:
     return gone(medium.devpaths, medium.blocks) is None
 

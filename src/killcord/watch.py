@@ -83,6 +83,12 @@ def uevent_filter(change_devpaths: frozenset[str]) -> list[Insn]:
     return program
 
 
+def prefix_filter(prefixes: tuple[bytes, ...]) -> list[Insn]:
+    """The program: messages whose header starts with one of `prefixes` (e.g. b"add@")."""
+    program = [insn for prefix in prefixes for insn in _starts_with(prefix)]
+    return program + [(BPF_RET | BPF_K, 0, 0, DROP)]
+
+
 def _field(data: bytes, key: bytes, start: int) -> str:
     begin = data.find(key, start)
     if begin < 0:
@@ -136,7 +142,10 @@ class Watcher:
         `change_devpaths` (pass the media-watched set: see machine.uevent_fires); all else is
         dropped before it takes any room in the buffer. Replaces the previous filter atomically.
         ValueError if the program is over the kernel's limit (nothing is changed then)."""
-        program = uevent_filter(change_devpaths)
+        self.attach(uevent_filter(change_devpaths))
+
+    def attach(self, program: list[Insn]) -> None:
+        """Replace the socket's filter by `program`, atomically."""
         code = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *insn) for insn in program))
         # struct sock_fprog {unsigned short len; struct sock_filter *filter;}, native layout
         fprog = struct.pack("HP", len(program), ctypes.addressof(code))

@@ -20,7 +20,7 @@ from .installed import SUITE as INSTALLED_SUITE
 # after test_ in the test's name: test_a_..., test_anti_..., test_sanitizing_...
 CI_MATRIX: dict[str, frozenset[str]] = {
     # Debian 13: the core scenarios, the fallback ones of the hardening issue, boot clearing
-    "trixie": frozenset({"a", "e", "f", "g", "h", "k", "l", "m", "n", "o", "p", "mor", "anti", "package", "wipe", "fallback", "panic"}),
+    "trixie": frozenset({"a", "e", "f", "g", "h", "i", "k", "l", "m", "n", "o", "p", "q", "r", "mor", "anti", "package", "wipe", "fallback", "panic"}),
     # Debian 12 (oldstable): the kexec path, the fallback, the package in its initramfs
     "bookworm": frozenset({"a", "g", "package"}),
 }

@@ -349,6 +349,14 @@ def suspend(g: Guest, timeout: float = 60) -> None:
     g.wait_status("suspended", timeout)
 
 
+def send_keys(g: Guest, keys: list[str], hold_ms: int = 300) -> None:
+    """Type a chord on QEMU's active keyboard (QMP send-key, QEMU key names): each key
+    pressed in order, all released after `hold_ms`. The active keyboard is the last one
+    plugged in: the PS/2 keyboard until a usb-kbd is added, then that one."""
+    g.qmp("send-key", keys=[{"type": "qcode", "data": k} for k in keys], **{"hold-time": hold_ms})
+    time.sleep(hold_ms / 1000 + 0.7)  # released, and read by whoever reads
+
+
 def unplug_stick(g: Guest):
     return lambda: g.qmp("device_del", id="stick")
 

@@ -310,6 +310,99 @@ def test_p_under_load_the_realtime_detector_fires_on_the_medium_s_own_uevent(ima
     assert result.notes["after_reference_ms"]["detect"] is not None, result.notes
 
 
+CHORD = ["ctrl", "alt", "shift", "k"]  # panic_keys = "ctrl+alt+shift+k", in QEMU's key names
+PARTS = [CHORD[:3], CHORD[1:], ["ctrl", "alt", "k"], ["ctrl", "shift", "k"], ["k"]]
+DRY = "KILLCORD_SOCKET=/run/kc-dry/control.sock"
+
+
+def status_when(g, text: str, env: str = "", tries: int = 100) -> dict:
+    """killcord's status (of the daemon at `env`'s socket) once its JSON holds `text`, or
+    the last one after `tries` looks, 0.3 s apart."""
+    look = f"{env} killcord status --json 2>/dev/null"
+    out = g.run(f"for i in $(seq {tries}); do {look} | grep -qF '{text}' && break; sleep 0.3; done; {look}",
+                timeout=tries * 0.5 + 30)["out"]
+    return json.loads(out)
+
+
+def test_q_the_panic_keys_on_the_real_keyboards_and_one_plugged_in_later(image: Image) -> None:
+    """The chord through the guest's real input path: QEMU's PS/2 keyboard, then a usb-kbd
+    hot-plugged after arming. First a second daemon, in dry-run with its own socket and
+    state, reads the PS/2 keyboard: parts of the chord do nothing, the chord fires it (the
+    packaged daemon, without panic_keys, stays armed). Then the packaged daemon is
+    restarted with panic_keys, a USB keyboard is plugged in, parts of the chord on it do
+    nothing, and the chord on it fires for real: kexec, wipe, off, RAM clean."""
+    result, pattern = live.Result("q-panic-keys"), live.new_pattern()
+    with live.boot(image, image.out / "q-panic-keys.log") as g:
+        live.wait_armed(g)
+        g.run(f"mkdir -p /run/kc-dry && {DRY} KILLCORD_STATE_DIR=/run/kc-dry KILLCORD_MODE=dry-run KILLCORD_MOR=off "
+              "KILLCORD_PANIC_KEYS=ctrl+alt+shift+k setsid -f killcord daemon >/run/kc-dry.log 2>&1 </dev/null")
+        dry = status_when(g, '"state": "armed"', DRY)
+        ps2 = dry["panic_keys"]["keyboards"]
+        assert [k["name"] for k in ps2] == ["AT Translated Set 2 keyboard"], dry["panic_keys"]
+        for part in PARTS:
+            live.send_keys(g, part)
+        after_parts = json.loads(g.run(f"{DRY} killcord status --json")["out"])
+        live.send_keys(g, CHORD)
+        fired = status_when(g, '"state": "fired"', DRY)
+        live_daemon = json.loads(g.run("killcord status --json")["out"])
+        g.run(f"kill {dry['pid']} && while kill -0 {dry['pid']} 2>/dev/null; do sleep 0.2; done")
+
+        g.run("mkdir -p /run/systemd/system/killcord.service.d && printf '[Service]\\nEnvironment="
+              "KILLCORD_PANIC_KEYS=ctrl+alt+shift+k\\n' > /run/systemd/system/killcord.service.d/keys.conf && "
+              "systemctl daemon-reload && systemctl restart killcord", timeout=300)
+        status = live.wait_armed(g)
+        fill_and_control(g, result, pattern)
+        g.qmp("device_add", driver="usb-kbd", id="kbd1", bus="xhci.0")
+        boards = status_when(g, '"hotplugged": true')["panic_keys"]["keyboards"]
+        for part in PARTS:
+            live.send_keys(g, part)
+        still = json.loads(g.run("killcord status --json")["out"])["state"]
+        assert_untouched(g, result, pattern)
+        live.trigger_and_measure(g, result, pattern, lambda: live.send_keys(g, CHORD, hold_ms=500))
+    result.notes.update(dry_trigger=fired["trigger"], keyboards=boards)
+    assert after_parts["state"] == "armed", after_parts["events"]
+    assert fired["state"] == "fired" and fired["mode"] == "dry-run", fired
+    assert fired["trigger"].startswith("panic keys ctrl+alt+shift+k on /dev/input/event"), fired["trigger"]
+    assert fired["trigger"].endswith("(AT Translated Set 2 keyboard)"), fired["trigger"]
+    assert live_daemon["state"] == "armed" and live_daemon["panic_keys"] is None
+    assert status["panic_keys"]["sched"] == "SCHED_FIFO 50", status["panic_keys"]
+    assert [k["name"] for k in status["panic_keys"]["keyboards"]] == ["AT Translated Set 2 keyboard"]
+    usb = [k for k in boards if k["hotplugged"]]
+    assert len(usb) == 1 and "USB Keyboard" in usb[0]["name"], boards
+    assert still == "armed"
+    assert str(result.notes["trigger"]).startswith("panic keys ctrl+alt+shift+k on "), result.notes
+    assert str(result.notes["trigger"]).endswith("USB Keyboard)"), result.notes
+    check_wiped(result, image)
+
+
+def test_r_a_grace_period_tells_the_console_then_fires(image: Image) -> None:
+    """grace_ms = 3000: the stick pulled, the console shows the notice at once (the
+    daemon's critical line, through /dev/kmsg, under `quiet`), nothing fires until the
+    period ends, then the whole path runs and RAM is clean. The medium is identified by the
+    stick's USB serial number, the identity a stick plugged back in would be found by."""
+    result, pattern = live.Result("r-grace"), live.new_pattern()
+    with live.boot(image, image.out / "r-grace.log") as g:
+        live.wait_armed(g)
+        g.run("mkdir -p /run/systemd/system/killcord.service.d && printf '[Service]\\nEnvironment="
+              "KILLCORD_GRACE_MS=3000\\n' > /run/systemd/system/killcord.service.d/grace.conf && "
+              "systemctl daemon-reload && systemctl restart killcord", timeout=300)
+        status = live.wait_armed(g)
+        fill_and_control(g, result, pattern)
+        t0 = time.monotonic()
+        live.trigger_and_measure(g, result, pattern, live.unplug_stick(g))
+        grace = live.line_after(g, r"killcord: grace seconds=3 ", t0)
+        jump = live.line_after(g, r"kexec_core: Starting new kernel", t0)
+        fire = live.fire_line_after(g, t0)
+    assert status["grace"]["ms"] == 3000 and status["grace"]["back_if"].startswith("serial:"), status["grace"]
+    assert grace is not None and "back_if=serial:" in grace.text, "no notice on the console"
+    assert fire is not None and jump is not None
+    waited = live.guest_seconds(fire) - live.guest_seconds(grace)
+    result.notes.update(grace_line=grace.text, fired_after_grace_s=round(waited, 3), trigger=result.notes.get("trigger"))
+    assert waited >= 2.9, result.notes  # not before the period ended
+    assert str(result.notes["trigger"]).endswith("gone still when the grace period ended"), result.notes
+    check_wiped(result, image)
+
+
 # A variable of the test's own (OVMF write-protects MemoryOverwriteRequestControl: below)
 TEST_VARIABLE = "KillcordTestMor-5f0a3c1e-8b7d-4e2a-9c6f-1d2e3f405162"
 MOR_IN_GUEST = ("import sys, json; sys.path.insert(0, '/usr/lib/killcord'); from killcord import mor; "
@@ -486,11 +579,15 @@ def test_d_vfat_drive_caches_are_wiped(image: Image, tmp_path: Path) -> None:
     check_wiped(result, image)
 
 
-@pytest.mark.extended
-def test_i_stick_pulled_while_killcord_restarts_fires_when_it_is_back(image: Image) -> None:
+def test_i_killcord_killed_and_the_stick_pulled_at_once_the_standby_fires(image: Image) -> None:
+    """killcord.service killed with SIGKILL (every process of the unit, as `systemctl kill`
+    does) and the stick pulled at once. The restarted daemon cannot start without the stick
+    on Debian 13 (its Python reads the squashfs); the standby, a fork of the armed daemon in
+    a scope unit of its own, is not in the unit, so it lives on, takes over and fires."""
     result, pattern = live.Result("i-restart"), live.new_pattern()
     with live.boot(image, image.out / "i-restart.log") as g:
-        live.wait_armed(g)
+        status = live.wait_armed(g)
+        scope = g.run(f"systemctl show -p ActiveState --value {status['standby']['scope']}", check=False)["out"]
         fill_and_control(g, result, pattern)
 
         def pull_while_down() -> None:
@@ -499,11 +596,12 @@ def test_i_stick_pulled_while_killcord_restarts_fires_when_it_is_back(image: Ima
 
         live.trigger_and_measure(g, result, pattern, pull_while_down)
         console = g.text()
+    spare = status["standby"]
+    assert spare["scope"] == f"killcord-standby-{spare['pid']}.scope" and scope.strip() == "active", (spare, scope)
+    assert f"killcord: standby_takeover daemon_pid={status['pid']} pid={spare['pid']}" in console
     assert "killcord: fire trigger=medium absent" in console or "killcord: fire trigger=uevent" in console
+    result.notes["standby"] = spare
     check_wiped(result, image)
-
-
-
 
 
 @pytest.mark.extended
