@@ -25,9 +25,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache" / "vm"
 SUITES = ("trixie", "bookworm")  # Debian 13 (stable) first: what the demo boots
+# dbus: a live desktop system has its system bus, and systemd 257's `systemctl suspend`
+# asks logind over it (without it, Debian 13's guest never suspended: scenario j)
 PACKAGES = [
     "systemd-sysv", "udev", "linux-image-amd64", "initramfs-tools", "busybox-static", "dmsetup",
-    "kexec-tools", "memlockd", "procps", "kmod", "live-boot", "cryptsetup-bin", "e2fsprogs", "dosfstools",
+    "kexec-tools", "memlockd", "procps", "kmod", "live-boot", "cryptsetup-bin", "e2fsprogs", "dosfstools", "dbus",
 ]
 
 GUEST = Path(__file__).resolve().parent / "guest"  # test-only files, inert unless killcord_ci=...
