@@ -12,6 +12,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -502,3 +503,17 @@ def test_built_deb_fields_and_vendoring_per_suite(suite: str) -> None:
         assert any(p.startswith("./usr/lib/killcord/vendor/pydantic_core/") and p.endswith(".so") for p in modes)
         assert any(p.startswith("./usr/lib/killcord/vendor/pydantic_settings/") for p in modes)
         assert "Files: usr/lib/killcord/vendor/pydantic/*" in copyright_
+
+
+def test_the_man_page_explains_every_setting_from_the_conffile(tmp_path: Path) -> None:
+    """killcord(8)'s CONFIGURATION section is the conffile's own comments (mkman.py): every
+    setting of config.py is there, with its default, and each stage's deadline."""
+    from killcord.config import DEFAULT_DEADLINES_MS, Config
+
+    page = subprocess.run([sys.executable, str(DEBIAN / "mkman.py"), str(ROOT / "src"), "0", str(CONFFILE)],
+                          check=True, capture_output=True, text=True).stdout
+    section = page.split(".SH CONFIGURATION", 1)[1].split(".SH EXIT STATUS", 1)[0]
+    for name in Config.model_fields:
+        assert re.search(rf"\\fB\[?{name}\]?\\fR", section), f"{name} is not in the man page"
+    for stage, ms in DEFAULT_DEADLINES_MS.items():
+        assert f"{stage.value} = {ms}" in section

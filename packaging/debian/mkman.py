@@ -1,13 +1,14 @@
 #!/usr/bin/python3
 """Write killcord(8) from the CLI's own argparse parser, so the man page cannot drift from
 `killcord --help`. Run by debian/rules at build time (stdlib only: killcord.cli imports
-nothing else at module level). Usage: mkman.py SRC_DIR VERSION > killcord.8
+nothing else at module level). Usage: mkman.py SRC_DIR VERSION [CONFFILE] > killcord.8
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -33,8 +34,34 @@ def options(parser: argparse.ArgumentParser) -> list[str]:
     return lines
 
 
+def settings(conffile: str) -> list[str]:
+    """A CONFIGURATION section from the conffile's own comments (the one place each setting
+    is explained): every block that ends in a setting, shown with its default."""
+    lines: list[str] = []
+    blocks = [b for b in open(conffile).read().split("\n\n")[1:] if b.strip()]
+    for block in blocks:
+        text = [line.removeprefix("#").strip() for line in block.strip().splitlines()]
+        values = [t for t in text if re.match(r"^[a-z_]+ = ", t)]
+        unset = re.match(r"^([a-z_]+): ", text[0])
+        if not values and unset:  # a setting with no default ("cord: ... Unset by default")
+            lines += [".TP", "\\fB" + esc(unset[1]) + "\\fR (unset)", esc(" ".join(text).split(": ", 1)[1])]
+            continue
+        if not values:
+            continue
+        table = next((t for t in text if re.match(r"^\[[a-z_]+\]$", t)), None)
+        prose = " ".join(t for t in text if t not in values and t != table)
+        if table:  # a TOML table: its name, then its entries
+            lines += [".TP", f"\\fB{esc(table)}\\fR " + ", ".join(esc(v) for v in values), esc(prose)]
+            continue
+        shown = (f"\\fB{esc(v.split(' = ')[0])}\\fR = {esc(v.split(' = ', 1)[1])}" for v in values)
+        lines += [".TP", ", ".join(shown), esc(prose)]
+    return lines
+
+
 def main() -> int:
     src, version = sys.argv[1], sys.argv[2]
+    conffile = sys.argv[3] if len(sys.argv) > 3 else os.path.join(os.path.dirname(src) or ".", "packaging",
+                                                                   "killcord.toml")
     sys.path.insert(0, src)
     from killcord import cli
 
@@ -67,6 +94,8 @@ def main() -> int:
                 esc(subparser.description or helps.get(name) or "")]
         if len(subparser._actions) > 1:  # noqa: SLF001 - more than -h
             out += [".RS", *options(subparser), ".RE"]
+    out += [".SH CONFIGURATION", "Settings of \\fI/etc/killcord/killcord.toml\\fR, each with its default:",
+            *settings(conffile)]
     out += [
         ".SH EXIT STATUS",
         esc(exit_codes),
