@@ -98,3 +98,29 @@ def test_disarm_requests_are_checked_before_the_daemon_acts() -> None:
             control.parse_request(json.dumps({"cmd": "disarm", **bad}).encode())
     with pytest.raises(ValueError, match="arm takes no arguments, not seconds"):
         control.parse_request(b'{"cmd": "arm", "seconds": 5}')
+
+
+def test_a_medium_moved_while_disarmed_is_watched_where_it_is_now(loopdev, env, start_daemon) -> None:
+    """The stick moved to another port meanwhile (here: the same image attached again as
+    another loop device): found again by its identity, watched there, nothing fired."""
+    import subprocess
+    from pathlib import Path
+
+    dev = loopdev()
+    image = Path(f"/sys/block/{Path(dev).name}/loop/backing_file").read_text().strip()
+    start_daemon(medium=dev)
+    wait_for(env, "armed")
+    assert run_cli(env, "disarm", "--for", "3s", "--reason", "moving the stick").returncode == 0
+    remove_loop(dev)
+    while subprocess.run(["losetup", "--find"], check=True, capture_output=True, text=True).stdout.strip() == dev:
+        loopdev()  # placeholders: it comes back as another device
+    again = subprocess.run(["losetup", "--find", "--show", image], check=True, capture_output=True,
+                           text=True).stdout.strip()
+    try:
+        time.sleep(4.0)
+        s = status(env)
+        assert s["state"] == "armed" and s["stages"] == [] and s["medium"]["device"] == again, s["medium"]
+        remove_loop(again)  # watched where it is now
+        assert wait_for(env, "fired")["trigger"].startswith(f"uevent remove /devices/virtual/block/{Path(again).name}")
+    finally:
+        subprocess.run(["losetup", "--detach", again], check=False, capture_output=True)

@@ -381,6 +381,15 @@ def test_grace_the_medium_back_in_time_stays_armed_and_is_watched_where_it_is_no
     assert m.feed(MediumCheck(True, "grace ended")) == [] and m.state is State.ARMED  # same devpaths, back
 
 
+def test_after_a_disarm_the_medium_back_elsewhere_moves_the_watch() -> None:
+    m = armed()
+    m.feed(Disarm(10.0, 0, "moving the stick to another port"))
+    assert m.feed(Tick(10.0)) == [CheckMedium("disarm ended")]
+    assert m.feed(MediumBack(frozenset({NEW_DISK}))) == [] and m.state is State.ARMED
+    assert m.feed(Uevent("remove", DISK)) == []  # where it was: not watched any more
+    assert m.feed(Uevent("remove", NEW_DISK)) == [RunStage(Stage.KILL, DEFAULT_DEADLINES_MS[Stage.KILL])]
+
+
 def test_grace_a_panic_never_waits_and_a_disarm_ends_the_period() -> None:
     m = graced()
     m.feed(Uevent("remove", DISK))

@@ -366,7 +366,7 @@ class Daemon:
                 pass
 
     def _look_back(self, reason: str) -> None:
-        """The grace period ended: the medium found by its identity, wherever it is now (a
+        """A grace period or a disarm ended: the medium found by its identity, wherever it is now (a
         stick plugged in again has new devpaths; another device may have taken the old
         ones), counts as back, as does the cord at its port; otherwise fire. A medium with
         no identity counts as back only where it was."""
@@ -591,10 +591,10 @@ class Daemon:
             record(False)
             self._look_back(checks[0].reason)
             return
-        if checks:  # a disarm ended: look now (a MediumCheck back in, which fires if it is gone)
+        if checks:  # a disarm ended: look for the medium, wherever it is now; gone, it fires
             record(False)
             logger.warning("rearmed", reason=checks[0].reason)
-            self.recheck(checks[0].reason)
+            self._look_back(checks[0].reason)
             return
         graces = [a for a in actions if isinstance(a, StartGrace)]
         if graces:

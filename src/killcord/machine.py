@@ -116,7 +116,12 @@ class Machine:
 
     def _grace_end(self, event: GraceEnded | MediumBack | MediumCheck) -> list[Action]:
         """GraceEnded: look at the medium. Then the look's answer decides: back (MediumBack,
-        or a MediumCheck that finds it where it was) -> ARMED; gone -> fire."""
+        or a MediumCheck that finds it where it was) -> ARMED; gone -> fire. (Armed, a
+        MediumBack only moves the watch: the medium came back where it was not before, as
+        after a disarm that saw it moved to another port.)"""
+        if self.state is State.ARMED and isinstance(event, MediumBack):
+            self.watched, self.media_watched = event.watched, event.media_watched
+            return []
         if self.state is not State.GRACE:
             return []
         if isinstance(event, GraceEnded):
