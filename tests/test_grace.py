@@ -5,6 +5,7 @@ meanwhile. The notices themselves: test_notice.py (terminals, a real session bus
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -36,10 +37,11 @@ def test_a_pulled_medium_gets_a_notice_period_then_fires(loopdev, env, start_dae
     assert [st["name"] for st in fired["stages"]][:2] == ["kill", "keys"]
 
 
-def test_the_medium_back_in_time_under_a_new_devpath_stays_armed(loopdev, env, start_daemon) -> None:
+def test_the_medium_back_in_time_under_a_new_devpath_stays_armed(loopdev, env, start_daemon, tmp_path: Path) -> None:
     dev = loopdev()
     image = backing(dev)
-    start_daemon(medium=dev, grace_ms="3000")
+    log = tmp_path / "daemon.log"
+    start_daemon(medium=dev, grace_ms="3000", log=log)
     wait_for(env, "armed")
     remove_loop(dev)
     assert wait_for(env, "grace", timeout=5)["stages"] == []
@@ -53,6 +55,10 @@ def test_the_medium_back_in_time_under_a_new_devpath_stays_armed(loopdev, env, s
         s = wait_for(env, "armed", timeout=10)
         assert s["medium"]["device"] == again and s["stages"] == [], s["medium"]
         assert any(e["event"] == "MediumBack" for e in s["events"]), s["events"]
+        time.sleep(0.5)  # the notices go from a thread of their own
+        told = [json.loads(line).get("text", "") for line in log.read_text().splitlines() if '"notice"' in line]
+        assert told[0].startswith("killcord: the boot medium is gone.") and "(dry-run: nothing will happen)" in told[0]
+        assert told[1] == "killcord: the boot medium is back. Armed again; nothing was stopped.", told
         remove_loop(again)  # watched where it is now: its removal starts a new period
         assert wait_for(env, "grace", timeout=5)["grace"]["trigger"].endswith(Path(again).name)
         assert wait_for(env, "fired", timeout=15)["trigger"].endswith("gone still when the grace period ended")

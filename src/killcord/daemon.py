@@ -354,16 +354,21 @@ class Daemon:
         text = (f"killcord: the boot medium is gone. In {seconds} s every program stops and memory is wiped, "
                 "unless it is back" + ("" if self.config.live else " (dry-run: nothing will happen)") + ".")
 
-        def tell() -> None:
-            self.notices = notice.tell(text, start.ms)
-            logger.info("notice", **self.notices)
-
-        threading.Thread(target=tell, name="notice", daemon=True).start()
+        self._tell(text, start.ms)
         if self._wake is not None:
             try:
                 self._wake.send(b"g")  # the main loop takes the new deadline into its wait
             except OSError:
                 pass
+
+    def _tell(self, text: str, timeout_ms: int) -> None:
+        """A notice to the people at the machine, from a thread of its own (notice.py): a
+        terminal or a session bus that is slow to answer never holds up the daemon."""
+        def tell() -> None:
+            self.notices = notice.tell(text, timeout_ms)
+            logger.info("notice", text=text, **self.notices)
+
+        threading.Thread(target=tell, name="notice", daemon=True).start()
 
     def _look_back(self, reason: str) -> None:
         """A grace period or a disarm ended: the medium found by its identity, wherever it is now (a
@@ -399,7 +404,10 @@ class Daemon:
         except (ValueError, OSError) as exc:
             logger.warning("rewatch_incomplete", error=str(exc))
         logger.warning("back", device=self.medium.device if self.medium else None, watched=len(watched))
+        told = self.machine.state is State.GRACE  # the people at the machine were told it was gone
         self.feed(MediumBack(watched, media))
+        if told:
+            self._tell("killcord: the boot medium is back. Armed again; nothing was stopped.", 10_000)
 
     def _stop(self, signum: int, _frame: Any) -> None:
         if self.machine.state is State.FIRING:
