@@ -595,13 +595,10 @@ class Daemon:
             self.events.append({"at": received, "event": type(event).__name__, **_fields(event), "fired": fired})
 
         checks = [a for a in actions if isinstance(a, CheckMedium)]
-        if checks and self.machine.state is State.GRACE:  # the grace period ended
+        if checks:  # a grace period or a disarm ended: look for the medium wherever it is now; gone, it fires
             record(False)
-            self._look_back(checks[0].reason)
-            return
-        if checks:  # a disarm ended: look for the medium, wherever it is now; gone, it fires
-            record(False)
-            logger.warning("rearmed", reason=checks[0].reason)
+            if self.machine.state is not State.GRACE:
+                logger.warning("rearmed", reason=checks[0].reason)
             self._look_back(checks[0].reason)
             return
         graces = [a for a in actions if isinstance(a, StartGrace)]

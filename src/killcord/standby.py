@@ -111,7 +111,6 @@ def run(daemon: Daemon, pipe: int) -> int:
     """The standby's life, in the forked child."""
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # a system going down: nothing to take over
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    daemon.stopping = False
     try:
         resident.lock_all()  # a fork inherits no memory lock
     except OSError as exc:
@@ -122,22 +121,24 @@ def run(daemon: Daemon, pipe: int) -> int:
     assert daemon.firer is not None
     daemon.firer.keep_stage_thread()
     parent = os.getppid()
+    if _stopped_cleanly(daemon, pipe):
+        return 0
+    logger.critical("standby_takeover", daemon_pid=parent, pid=os.getpid())
+    return takeover(daemon, parent)
+
+
+def _stopped_cleanly(daemon: Daemon, pipe: int) -> bool:
+    """Wait while the daemon lives, keeping the uevent queue short and acting on nothing;
+    then whether it said "stop" (False: it died)."""
     with selectors.DefaultSelector() as sel:
         sel.register(pipe, selectors.EVENT_READ, "pipe")
         sel.register(daemon.watcher.fileno(), selectors.EVENT_READ, "uevents")
-        while True:  # while the daemon lives: keep the queue short, act on nothing
+        while True:
             for key, _ in sel.select():
                 if key.data == "uevents":
                     daemon.watcher.drain(frozenset(), limit=256)
-                    continue
-                if os.read(pipe, 16).startswith(STOP):
-                    return 0
-                break
-            else:
-                continue
-            break
-    logger.critical("standby_takeover", daemon_pid=parent, pid=os.getpid())
-    return takeover(daemon, parent)
+                else:
+                    return os.read(pipe, 16).startswith(STOP)
 
 
 def takeover(daemon: Daemon, old_pid: int) -> int:

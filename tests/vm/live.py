@@ -150,13 +150,19 @@ def wait_armed(g: Guest, timeout: float = 400) -> dict:
     return json.loads(g.run("killcord status --json")["out"])
 
 
+def restart_with(g: Guest, name: str, setting: str, value: str) -> dict:
+    """Restart killcord with KILLCORD_<SETTING>=value (a systemd drop-in in /run, `name`.conf);
+    returns the new status once armed."""
+    g.run("mkdir -p /run/systemd/system/killcord.service.d && printf '[Service]\\nEnvironment=KILLCORD_%s=%s\\n' "
+          f"'{setting.upper()}' '{value}' > /run/systemd/system/killcord.service.d/{name}.conf && "
+          "systemctl daemon-reload && systemctl restart killcord", timeout=300)
+    return wait_armed(g)
+
+
 def restage_with_initrd(g: Guest, initrd: str) -> dict:
-    """Restart killcord with kexec_initrd = `initrd` (a systemd drop-in in /run setting
-    KILLCORD_KEXEC_INITRD) instead of its wipe target; returns the new status once armed."""
-    g.run("mkdir -p /run/systemd/system/killcord.service.d && printf '[Service]\\nEnvironment=KILLCORD_KEXEC_INITRD=%s\\n' "
-          f"'{initrd}' > /run/systemd/system/killcord.service.d/initrd.conf && systemctl daemon-reload && "
-          "systemctl restart killcord", timeout=300)
-    status = wait_armed(g)
+    """Restart killcord with kexec_initrd = `initrd` instead of its wipe target; returns the
+    new status once armed."""
+    status = restart_with(g, "initrd", "kexec_initrd", initrd)
     assert status["kexec"]["initrd"] == initrd and status["kexec"]["initrd_kind"] == "explicit", status["kexec"]
     return status
 

@@ -347,10 +347,7 @@ def test_q_the_panic_keys_on_the_real_keyboards_and_one_plugged_in_later(image: 
         live_daemon = json.loads(g.run("killcord status --json")["out"])
         g.run(f"kill {dry['pid']} && while kill -0 {dry['pid']} 2>/dev/null; do sleep 0.2; done")
 
-        g.run("mkdir -p /run/systemd/system/killcord.service.d && printf '[Service]\\nEnvironment="
-              "KILLCORD_PANIC_KEYS=ctrl+alt+shift+k\\n' > /run/systemd/system/killcord.service.d/keys.conf && "
-              "systemctl daemon-reload && systemctl restart killcord", timeout=300)
-        status = live.wait_armed(g)
+        status = live.restart_with(g, "keys", "panic_keys", "ctrl+alt+shift+k")
         fill_and_control(g, result, pattern)
         g.qmp("device_add", driver="usb-kbd", id="kbd1", bus="xhci.0")
         boards = status_when(g, '"hotplugged": true')["panic_keys"]["keyboards"]
@@ -383,10 +380,7 @@ def test_r_a_grace_period_tells_the_console_then_fires(image: Image) -> None:
     result, pattern = live.Result("r-grace"), live.new_pattern()
     with live.boot(image, image.out / "r-grace.log") as g:
         live.wait_armed(g)
-        g.run("mkdir -p /run/systemd/system/killcord.service.d && printf '[Service]\\nEnvironment="
-              "KILLCORD_GRACE_MS=3000\\n' > /run/systemd/system/killcord.service.d/grace.conf && "
-              "systemctl daemon-reload && systemctl restart killcord", timeout=300)
-        status = live.wait_armed(g)
+        status = live.restart_with(g, "grace", "grace_ms", "3000")
         fill_and_control(g, result, pattern)
         t0 = time.monotonic()
         live.trigger_and_measure(g, result, pattern, live.unplug_stick(g))
