@@ -15,7 +15,8 @@ In order, each step bounded by the stage deadline:
 2. RAM file systems (tmpfs, ramfs; this includes the live system's overlay upper layer):
    every regular file truncated, then unlinked; the pages go back to the kernel;
 3. the page cache and slab caches dropped (their pages become free);
-4. free memory claimed in chunks of anonymous memory, down to a reserve: the kernel
+4. free memory claimed in chunks of anonymous memory, down to a reserve, from one thread
+   per CPU (claim.py): the kernel
    zeroes every page it hands to a process, so claiming is wiping (and it checks that the
    kernel's own count of our resident anonymous memory rose by what was claimed: a wipe
    that took nothing does not say it did);
@@ -26,22 +27,22 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import mmap
 import os
 import re
 import stat
 import time
 from dataclasses import asdict, dataclass, field
 
-from killcord import dm
+from killcord import claim, dm
 
 RAM_FS_TYPES = ("tmpfs", "ramfs")
 DROP_CACHES = "/proc/sys/vm/drop_caches"
 MEMINFO = "/proc/meminfo"
 MOUNTINFO = "/proc/self/mountinfo"
-CHUNK = 64 * 1024 * 1024
+# Small enough that a chunk the kernel is slow to fill (reclaim near the reserve, a busy
+# host under TCG) cannot carry the wipe far past its deadline.
+CHUNK = 16 * 1024 * 1024
 MIN_RESERVE = 16 * 1024 * 1024
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
 RB_POWER_OFF = 0x4321FEDC
 
 _libc = ctypes.CDLL(None, use_errno=True)  # resolved at import, never at fire time
@@ -66,6 +67,8 @@ class Wiped:
     reserve_bytes: int
     seconds: float
     error: str = ""
+    threads: int = 1
+    slowest_chunk_s: float = 0.0  # the longest the kernel took over one chunk
 
     @property
     def ok(self) -> bool:
@@ -188,48 +191,35 @@ def drop_caches(fd: int | None) -> str:
 # The live wipe's memory, held through reboot(2): letting 1.8 GiB of locked pages go took
 # 2.3 s under TCG (a fifth of claiming them), which ran the poweroff stage past its deadline,
 # and nothing is gained by it on a machine that is going down.
-HELD: list[mmap.mmap] = []
+HELD: list[claim.Chunk] = []
 
 
 def wipe_free(deadline: float, max_bytes: int | None = None, chunk: int = CHUNK,
-              hold: list[mmap.mmap] | None = None) -> Wiped:
+              hold: list[claim.Chunk] | None = None, threads: int | None = None) -> Wiped:
     """Claim free memory as anonymous chunks down to a reserve (1/64 of RAM, at least
-    16 MiB, as the initramfs wiper keeps), hold them all, then let go; or, given `hold`,
-    leave them there for the caller (the live fallback, which powers off holding them)."""
+    16 MiB, as the initramfs wiper keeps), from one thread per CPU, hold them all, then let
+    go; or, given `hold`, leave them there for the caller (the live fallback, which powers
+    off holding them)."""
     start = time.monotonic()
     info = meminfo()
     reserve = max(MIN_RESERVE, info.get("MemTotal", 0) // 64)
     target = max(0, info.get("MemAvailable", 0) - reserve)
     if max_bytes is not None:
         target = min(target, max_bytes)
-    held: list[mmap.mmap] = []
-    claimed = 0
     rss_before = rss_anon()
-    error = ""
-    try:
-        while claimed < target and time.monotonic() < deadline:
-            n = min(chunk, target - claimed)
-            if meminfo().get("MemAvailable", 0) - n < reserve:
-                break  # something else allocated meanwhile: never dip into the reserve
-            try:
-                # Under mlockall(MCL_FUTURE) the mmap itself faults every page in (and fails
-                # if it cannot); otherwise MADV_POPULATE_WRITE does. Either way the kernel
-                # clears each page as it hands it over.
-                m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-                held.append(m)
-                m.madvise(MADV_POPULATE_WRITE)
-            except OSError as exc:
-                error = exc.strerror or str(exc)
-                break
-            claimed += n
-        resident = rss_anon() - rss_before
-    finally:
-        if hold is not None:
-            hold.extend(held)
-        else:
-            for m in held:
-                m.close()
-    return Wiped(target, claimed, max(0, resident), reserve, round(time.monotonic() - start, 3), error)
+
+    def room(n: int) -> bool:
+        # something else may have allocated meanwhile: never dip into the reserve
+        return meminfo().get("MemAvailable", 0) - n >= reserve
+
+    got = claim.claim_until(target, chunk, deadline, room, threads)
+    resident = rss_anon() - rss_before
+    if hold is not None:
+        hold.extend(got.chunks)
+    else:
+        claim.release(got.chunks)
+    return Wiped(target, got.bytes, max(0, resident), reserve, round(time.monotonic() - start, 3),
+                 got.error, got.threads, round(got.slowest_s, 3))
 
 
 def power_off() -> str:

@@ -4,8 +4,7 @@ lock_all() pins this process (mlockall); mincore_file()/report() say which files
 are in the page cache; memlockd_config() lists what an external memlockd should pin
 for the things we exec (kexec, systemctl, ...), which our mlockall cannot cover.
 
-mlockall, mmap and mincore are not exposed by the stdlib (Python's mmap object
-neither gives its address nor offers mincore) nor by psutil, hence ctypes.
+mlockall, mmap and mincore come from mman.py (ctypes).
 """
 
 from __future__ import annotations
@@ -19,34 +18,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-# <sys/mman.h> values for x86, arm, riscv and most others (alpha, powerpc and sparc differ).
-MCL_CURRENT = 1
-MCL_FUTURE = 2
-_PROT_READ = 0x1
-_MAP_SHARED = 0x01
+from killcord import mman
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-# CDLL(None): the symbols already loaded into the interpreter, i.e. glibc's; nothing to dlopen.
-_libc = ctypes.CDLL(None, use_errno=True)
-
-_mlockall = _libc.mlockall
-_mlockall.argtypes = [ctypes.c_int]
-_mlockall.restype = ctypes.c_int
-
-_mmap = _libc.mmap
-_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_mmap.restype = ctypes.c_void_p
-
-_munmap = _libc.munmap
-_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_munmap.restype = ctypes.c_int
-
-_mincore = _libc.mincore
-_mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
-_mincore.restype = ctypes.c_int
-
-_MAP_FAILED = ctypes.c_void_p(-1).value
 
 # Binaries the firing path may exec; each locked with its shared libraries.
 DEFAULT_BINARIES: tuple[str, ...] = (
@@ -73,7 +47,7 @@ def _errno_error(what: str, path: str | None = None) -> OSError:
 
 def lock_all() -> None:
     """mlockall(MCL_CURRENT | MCL_FUTURE): everything mapped now and later stays in RAM."""
-    if _mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
+    if mman.mlockall(mman.MCL_CURRENT | mman.MCL_FUTURE) != 0:
         raise _errno_error("mlockall(MCL_CURRENT | MCL_FUTURE) failed")
 
 
@@ -102,7 +76,7 @@ class FileResidency:
 
 def _count_resident(addr: int, length: int, pages: int, path: str) -> int:
     vec = (ctypes.c_ubyte * pages)()
-    if _mincore(addr, length, vec) != 0:
+    if mman.mincore(addr, length, vec) != 0:
         raise _errno_error("mincore failed", path)
     # only the low bit is defined; the others are reserved
     return sum(b & 1 for b in bytes(vec))
@@ -118,13 +92,13 @@ def mincore_file(path: str) -> FileResidency:
         if st.st_size == 0:
             return FileResidency(path, 0, 0)  # mmap of length 0 is EINVAL; nothing to hold
         pages = -(-st.st_size // PAGE_SIZE)
-        addr = _mmap(None, st.st_size, _PROT_READ, _MAP_SHARED, fd, 0)
-        if addr is None or addr == _MAP_FAILED:
+        addr = mman.mmap(None, st.st_size, mman.PROT_READ, mman.MAP_SHARED, fd, 0)
+        if addr is None or addr == mman.MAP_FAILED:
             raise _errno_error("mmap failed", path)
         try:
             return FileResidency(path, pages, _count_resident(addr, st.st_size, pages, path))
         finally:
-            _munmap(addr, st.st_size)
+            mman.munmap(addr, st.st_size)
     finally:
         os.close(fd)
 

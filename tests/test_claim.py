@@ -1,0 +1,97 @@
+"""Claiming memory the way the fallback wipes it, on this machine's real kernel."""
+
+from __future__ import annotations
+
+import array
+import threading
+import time
+
+from killcord import claim, fallback
+
+MiB = 1 << 20
+
+
+def test_a_claim_lets_the_rest_of_the_daemon_run() -> None:
+    """While the kernel fills a chunk, other threads run Python: the stage deadline's
+    thread among them. (Python's own mmap holds the GIL for the whole call: then no sample
+    could fall in the call's middle half, which begins well after any switch interval.)"""
+    # The samples go into memory allocated beforehand: an allocation that maps memory
+    # waits for the mmap lock, which the filling holds.
+    samples = array.array("d", bytes(8 * 4_000_000))
+    box: list[claim.Chunk] = []
+    t = threading.Thread(target=lambda: box.append(claim.claim(512 * MiB)))
+    i = 0
+    t.start()
+    while t.is_alive() and i < len(samples):
+        samples[i] = time.monotonic()
+        i += 1
+    t.join()
+    c = box[0]
+    try:
+        span = c.ended - c.started
+        assert span > 0.02, f"{span=}: too quick to tell on this machine"
+        middle = [s for s in samples[:i] if c.started + span / 4 < s < c.ended - span / 4]
+        assert middle, (span, i)
+    finally:
+        claim.release(box)
+
+
+def test_chunks_come_from_several_threads_and_the_kernel_agrees() -> None:
+    before = fallback.rss_anon()
+    got = claim.claim_until(96 * MiB, 16 * MiB, time.monotonic() + 30, lambda n: True, threads=2)
+    try:
+        assert got.threads == 2 and got.bytes == 96 * MiB and len(got.chunks) == 6 and not got.error
+        assert fallback.rss_anon() - before >= 0.9 * 96 * MiB
+        assert 0 < got.slowest_s < 30
+    finally:
+        claim.release(got.chunks)
+    assert fallback.rss_anon() - before < 8 * MiB
+
+
+def test_the_last_chunk_is_what_the_budget_has_left() -> None:
+    got = claim.claim_until(40 * MiB, 16 * MiB, time.monotonic() + 30, lambda n: True, threads=1)
+    try:
+        assert sorted(c.size for c in got.chunks) == [8 * MiB, 16 * MiB, 16 * MiB]
+    finally:
+        claim.release(got.chunks)
+
+
+def test_no_room_and_a_passed_deadline_claim_nothing() -> None:
+    asked: list[int] = []
+
+    def room(n: int) -> bool:
+        asked.append(n)
+        return False
+
+    got = claim.claim_until(64 * MiB, 16 * MiB, time.monotonic() + 30, room, threads=2)
+    assert got.bytes == 0 and asked and all(n == 16 * MiB for n in asked)
+    late = claim.claim_until(64 * MiB, 16 * MiB, time.monotonic() - 1, lambda n: True, threads=2)
+    assert late.bytes == 0
+
+
+def test_room_is_asked_with_what_is_still_being_filled() -> None:
+    """The reserve check counts chunks other threads are still filling: MemAvailable does
+    not show them yet."""
+    asked: list[int] = []
+    lock = threading.Lock()
+
+    def room(n: int) -> bool:
+        with lock:
+            asked.append(n)
+        return True
+
+    got = claim.claim_until(256 * MiB, 64 * MiB, time.monotonic() + 30, room, threads=2)
+    claim.release(got.chunks)
+    assert got.bytes == 256 * MiB
+    assert max(asked) == 128 * MiB  # one chunk in flight on the other thread, plus the next
+
+
+def test_a_refused_claim_is_an_error_with_its_reason() -> None:
+    try:
+        claim.claim(1 << 60)
+    except claim.ClaimError as exc:
+        assert exc.strerror == "Cannot allocate memory"
+    else:
+        raise AssertionError("an exabyte was claimed")
+    got = claim.claim_until(1 << 60, 1 << 60, time.monotonic() + 30, lambda n: True, threads=1)
+    assert got.bytes == 0 and got.error == "Cannot allocate memory"
