@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import array
+import os
 import threading
 import time
+from pathlib import Path
 
-from killcord import claim, fallback
+from killcord import claim
 
 MiB = 1 << 20
 
@@ -37,15 +39,15 @@ def test_a_claim_lets_the_rest_of_the_daemon_run() -> None:
 
 
 def test_chunks_come_from_several_threads_and_the_kernel_agrees() -> None:
-    before = fallback.rss_anon()
+    before = claim.rss_anon()
     got = claim.claim_until(96 * MiB, 16 * MiB, time.monotonic() + 30, lambda n: True, threads=2)
     try:
         assert got.threads == 2 and got.bytes == 96 * MiB and len(got.chunks) == 6 and not got.error
-        assert fallback.rss_anon() - before >= 0.9 * 96 * MiB
+        assert claim.rss_anon() - before >= 0.9 * 96 * MiB
         assert 0 < got.slowest_s < 30
     finally:
         claim.release(got.chunks)
-    assert fallback.rss_anon() - before < 8 * MiB
+    assert claim.rss_anon() - before < 8 * MiB
 
 
 def test_the_last_chunk_is_what_the_budget_has_left() -> None:
@@ -95,3 +97,70 @@ def test_a_refused_claim_is_an_error_with_its_reason() -> None:
         raise AssertionError("an exabyte was claimed")
     got = claim.claim_until(1 << 60, 1 << 60, time.monotonic() + 30, lambda n: True, threads=1)
     assert got.bytes == 0 and got.error == "Cannot allocate memory"
+
+
+def test_a_child_claims_and_holds_it_the_daemon_does_not() -> None:
+    """The claim runs in a child process: its address space's lock is not the daemon's.
+    The kernel counts the memory in the child, and releasing it ends the child."""
+    before = claim.rss_anon()
+    held = claim.in_child(96 * MiB, 16 * MiB, time.monotonic() + 30, lambda n: True, threads=2)
+    try:
+        assert (held.bytes, held.chunks, held.threads, held.error) == (96 * MiB, 6, 2, "")
+        assert held.finished and 0 < held.slowest_s < 30
+        assert held.resident >= 0.9 * held.bytes
+        assert claim.rss_anon() - before < 8 * MiB  # not in this process
+        assert claim.rss_anon(f"/proc/{held.pid}/status") >= 96 * MiB
+        # the out-of-memory killer's first choice, not the daemon
+        assert Path(f"/proc/{held.pid}/oom_score_adj").read_text().strip() == "1000"
+    finally:
+        held.release()
+    assert not Path(f"/proc/{held.pid}").exists()
+
+
+def test_the_parent_returns_at_its_deadline_whatever_the_child_does() -> None:
+    """A child stuck (here: in `room`, as it could be inside the kernel) keeps nothing
+    from returning by the deadline, with what was reported by then."""
+    def stuck(n: int) -> bool:
+        time.sleep(3600)
+        return True
+
+    began = time.monotonic()
+    held = claim.in_child(64 * MiB, 16 * MiB, began + 1.0, stuck, threads=1)
+    try:
+        assert time.monotonic() - began < 20  # not the child's hour
+        assert (held.bytes, held.finished) == (0, False)
+        assert Path(f"/proc/{held.pid}").exists()
+    finally:
+        held.release()
+    assert not Path(f"/proc/{held.pid}").exists()
+
+
+def test_a_child_still_claiming_at_the_deadline_keeps_what_it_claims() -> None:
+    """The parent stops listening at its deadline; the child, still busy then, finds the
+    pipe closed when it reports, and holds its memory all the same (it exited on the
+    broken pipe in scenario k, and the kernel's count of what it held was gone)."""
+    def slow(n: int) -> bool:
+        time.sleep(1.5)  # past the parent's deadline, before the child's own
+        return True
+
+    began = time.monotonic()
+    held = claim.in_child(16 * MiB, 16 * MiB, began + 1.0, slow, threads=1)
+    try:
+        assert held.bytes == 0 and not held.finished
+        time.sleep(3)  # the child claims its chunk and reports into the closed pipe
+        status = Path(f"/proc/{held.pid}/status").read_text()
+        assert "State:\tS" in status, status
+        assert claim.rss_anon(f"/proc/{held.pid}/status") >= 16 * MiB
+    finally:
+        held.release()
+
+
+def test_a_child_that_cannot_claim_says_why() -> None:
+    held = claim.in_child(1 << 60, 1 << 60, time.monotonic() + 30, lambda n: True, threads=1)
+    held.release()
+    assert (held.bytes, held.finished, held.error) == (0, True, "Cannot allocate memory")
+
+
+def test_one_cpu_is_left_to_the_rest() -> None:
+    cpus = len(os.sched_getaffinity(0))
+    assert claim.default_threads() == max(1, min(claim.MAX_THREADS, cpus - 1))

@@ -102,15 +102,14 @@ def test_wipe_claims_memory_and_the_kernel_agrees() -> None:
 
 def test_the_live_wipe_hands_its_memory_over_still_held() -> None:
     """The live fallback powers off holding what it claimed (releasing it cost seconds
-    under TCG, past the stage's deadline): given `hold`, the chunks stay mapped and
-    resident after the wipe returns, until the caller lets go."""
-    before = fallback.rss_anon()
-    held: list = []
-    wiped = fallback.wipe_free(time.monotonic() + 30, max_bytes=64 << 20, chunk=32 << 20, hold=held)
-    assert wiped.ok and sum(c.size for c in held) == 64 << 20
-    assert fallback.rss_anon() - before >= 0.9 * (64 << 20)
-    claim.release(held)
-    assert fallback.rss_anon() - before < 8 << 20
+    under TCG, past the stage's deadline): given `keep`, the claiming child stays, its
+    memory resident, after the wipe returns, until the caller lets go."""
+    kept: list[claim.Held] = []
+    wiped = fallback.wipe_free(time.monotonic() + 30, max_bytes=64 << 20, chunk=32 << 20, keep=kept)
+    assert wiped.ok and [h.bytes for h in kept] == [64 << 20]
+    assert claim.rss_anon(f"/proc/{kept[0].pid}/status") >= 0.9 * (64 << 20)
+    kept[0].release()
+    assert not Path(f"/proc/{kept[0].pid}").exists()
 
 
 def test_a_wipe_that_claimed_nothing_is_not_ok() -> None:
@@ -123,3 +122,17 @@ def test_a_wipe_that_claimed_nothing_is_not_ok() -> None:
 def test_dry_run_handles_open_nothing() -> None:
     h = fallback.Handles.open(live=False)
     assert h.dm_control is None and h.drop_caches is None
+
+
+@pytest.mark.parametrize(("line", "zeroed"), [
+    ("quiet init_on_free=1", True),
+    ("init_on_free=0 init_on_free=1", True),  # the last one wins
+    ("init_on_free=1 init_on_free=0", False),
+    ("init_on_free=1 -- init_on_free=0", True),  # after "--": init's, not the kernel's
+    ("init_on_free=1 page_poison=1", False),  # poisoning takes init_on_free's place
+    ("init_on_free=1 page_poison=0", True),
+    ("init_on_alloc=1", False),
+    ("", False),
+])
+def test_the_claim_is_skipped_only_where_the_kernel_zeroes_what_is_freed(line: str, zeroed: bool) -> None:
+    assert fallback.frees_zeroed(line) is zeroed

@@ -124,6 +124,9 @@ def test_the_fallback_imports_nothing_and_says_what_it_would_free(ramdir: Path) 
     scrubbed = poweroff.detail["scrubbed"]
     assert isinstance(scrubbed, dict) and scrubbed["files"] >= 1 and scrubbed["mounts"]
     assert secret.read_bytes() == b"s" * 8192  # dry: nothing freed
+    # where the shared deadline went, step by step (dry: only the scrub's walk runs)
+    steps = poweroff.detail["steps_ms"]
+    assert isinstance(steps, dict) and list(steps) == ["scrub"] and steps["scrub"] >= 0
 
 
 def test_nothing_is_logged_before_the_kill_and_the_keys(ramdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

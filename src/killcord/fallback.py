@@ -15,11 +15,12 @@ In order, each step bounded by the stage deadline:
 2. RAM file systems (tmpfs, ramfs; this includes the live system's overlay upper layer):
    every regular file truncated, then unlinked; the pages go back to the kernel;
 3. the page cache and slab caches dropped (their pages become free);
-4. free memory claimed in chunks of anonymous memory, down to a reserve, from one thread
-   per CPU (claim.py): the kernel
-   zeroes every page it hands to a process, so claiming is wiping (and it checks that the
-   kernel's own count of our resident anonymous memory rose by what was claimed: a wipe
-   that took nothing does not say it did);
+4. unless the kernel zeroes every page as it is freed (init_on_free=1), free memory
+   claimed in chunks of anonymous memory, down to a reserve, by a child process from one
+   thread per CPU but one (claim.py): the kernel zeroes every page it hands to a process,
+   so claiming is wiping (and it checks that the kernel's own count of the child's
+   resident anonymous memory rose by what was claimed: a wipe that took nothing does not
+   say it did);
 5. reboot(RB_POWER_OFF), with no sync: nothing may wait for a medium that is gone.
 """
 
@@ -33,7 +34,7 @@ import stat
 import time
 from dataclasses import asdict, dataclass, field
 
-from killcord import claim, dm
+from killcord import claim, cmdline, dm
 
 RAM_FS_TYPES = ("tmpfs", "ramfs")
 DROP_CACHES = "/proc/sys/vm/drop_caches"
@@ -63,7 +64,7 @@ class Scrubbed:
 class Wiped:
     target_bytes: int
     claimed_bytes: int
-    resident_bytes: int  # how much more anonymous memory the kernel says we held (RssAnon)
+    resident_bytes: int  # how much more anonymous memory the kernel says the claimer held (RssAnon)
     reserve_bytes: int
     seconds: float
     error: str = ""
@@ -169,15 +170,6 @@ def meminfo(path: str = MEMINFO) -> dict[str, int]:
     return out
 
 
-def rss_anon(path: str = "/proc/self/status") -> int:
-    """Resident anonymous memory of this process, in bytes, as the kernel counts it."""
-    with open(path) as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def drop_caches(fd: int | None) -> str:
     if fd is None:
         return f"{DROP_CACHES} was not opened at arm time"
@@ -188,38 +180,36 @@ def drop_caches(fd: int | None) -> str:
         return exc.strerror or str(exc)
 
 
-# The live wipe's memory, held through reboot(2): letting 1.8 GiB of locked pages go took
-# 2.3 s under TCG (a fifth of claiming them), which ran the poweroff stage past its deadline,
-# and nothing is gained by it on a machine that is going down.
-HELD: list[claim.Chunk] = []
+# The live wipe's claimers, holding their memory through reboot(2): letting 1.8 GiB of
+# locked pages go took 2.3 s under TCG (a fifth of claiming them), which ran the poweroff
+# stage past its deadline, and nothing is gained by it on a machine that is going down.
+HELD: list[claim.Held] = []
 
 
 def wipe_free(deadline: float, max_bytes: int | None = None, chunk: int = CHUNK,
-              hold: list[claim.Chunk] | None = None, threads: int | None = None) -> Wiped:
+              keep: list[claim.Held] | None = None, threads: int | None = None) -> Wiped:
     """Claim free memory as anonymous chunks down to a reserve (1/64 of RAM, at least
-    16 MiB, as the initramfs wiper keeps), from one thread per CPU, hold them all, then let
-    go; or, given `hold`, leave them there for the caller (the live fallback, which powers
-    off holding them)."""
+    16 MiB, as the initramfs wiper keeps), in a child process (claim.in_child), then let it
+    go; or, given `keep`, leave the child holding it there for the caller (the live
+    fallback, which powers off holding it)."""
     start = time.monotonic()
     info = meminfo()
     reserve = max(MIN_RESERVE, info.get("MemTotal", 0) // 64)
     target = max(0, info.get("MemAvailable", 0) - reserve)
     if max_bytes is not None:
         target = min(target, max_bytes)
-    rss_before = rss_anon()
 
     def room(n: int) -> bool:
         # something else may have allocated meanwhile: never dip into the reserve
         return meminfo().get("MemAvailable", 0) - n >= reserve
 
-    got = claim.claim_until(target, chunk, deadline, room, threads)
-    resident = rss_anon() - rss_before
-    if hold is not None:
-        hold.extend(got.chunks)
+    held = claim.in_child(target, chunk, deadline, room, threads)
+    if keep is not None:
+        keep.append(held)
     else:
-        claim.release(got.chunks)
-    return Wiped(target, got.bytes, max(0, resident), reserve, round(time.monotonic() - start, 3),
-                 got.error, got.threads, round(got.slowest_s, 3))
+        held.release()
+    return Wiped(target, held.bytes, held.resident, reserve, round(time.monotonic() - start, 3),
+                 held.error, held.threads, round(held.slowest_s, 3))
 
 
 def power_off() -> str:
@@ -228,12 +218,22 @@ def power_off() -> str:
     return os.strerror(ctypes.get_errno() or errno.EPERM)
 
 
+def frees_zeroed(line: str) -> bool:
+    """Whether a kernel booted with this command line zeroes every page as it is freed,
+    its boot's own freeing of all memory included: init_on_free=1 (the last one wins),
+    unless page poisoning is on, which the kernel lets take its place."""
+    poison = (cmdline.last_value(line, "page_poison") or "").lower()
+    return cmdline.last_value(line, "init_on_free") == "1" and poison not in ("1", "y", "yes", "on", "true")
+
+
 @dataclass(frozen=True)
 class Handles:
-    """What the fallback opens at arm time, so that the firing path looks nothing up."""
+    """What the fallback opens or learns at arm time, so that the firing path looks
+    nothing up."""
 
     dm_control: int | None
     drop_caches: int | None
+    freed_zeroed: bool = False  # frees_zeroed() of this boot
 
     @classmethod
     def open(cls, live: bool) -> Handles:
@@ -243,26 +243,52 @@ class Handles:
             drop = os.open(DROP_CACHES, os.O_WRONLY | os.O_CLOEXEC)
         except OSError:
             drop = None
-        return cls(dm.open_control(), drop)
+        try:
+            zeroed = frees_zeroed(cmdline.read_proc())
+        except OSError:
+            zeroed = False
+        return cls(dm.open_control(), drop, zeroed)
 
 
 def run(handles: Handles, deadline: float, live: bool) -> tuple[bool, dict[str, object]]:
     """Steps 1-4 (live) or what they would touch (dry-run: mounts and files counted, nothing
     freed or claimed). Returns (wiped, detail); the caller powers off."""
     detail: dict[str, object] = {}
+    # how long each step took: the deadline is shared, and a step that ate it shows here
+    steps_ms: dict[str, float] = {}
+    detail["steps_ms"] = steps_ms
+    mark = time.monotonic()
+
+    def took(step: str) -> None:
+        nonlocal mark
+        now = time.monotonic()
+        steps_ms[step] = round((now - mark) * 1000, 1)
+        mark = now
+
     if live:
         released = dm.release_all(handles.dm_control, min(1.0, max(0.1, (deadline - time.monotonic()) / 4)))
         detail["dm"] = [asdict(r) for r in released]
+        took("dm")
         _wait_for_stragglers(min(deadline, time.monotonic() + 0.5))
+        took("stragglers")
     scrubbed = scrub(ram_mounts(), deadline, live)
     detail["scrubbed"] = {**asdict(scrubbed), "errors": scrubbed.errors[:5]}
+    took("scrub")
     if not live:
         detail["would"] = ("release every device-mapper table, free the files above, drop caches, "
                            "claim free memory, reboot(RB_POWER_OFF)")
         return True, detail
     detail["drop_caches_error"] = drop_caches(handles.drop_caches)
-    wiped = wipe_free(deadline, hold=HELD)
+    took("drop_caches")
+    if handles.freed_zeroed:
+        # The kernel zeroed each page as it was freed: the files, the caches and the dead
+        # processes' memory just now, the rest since boot. Claiming would zero zeros, for
+        # seconds under emulation that the deadline may no longer have (scenario k).
+        detail["wiped"] = {"skipped": "init_on_free=1: every page was zeroed as it was freed", "ok": True}
+        return not scrubbed.unfinished, detail
+    wiped = wipe_free(deadline, keep=HELD)
     detail["wiped"] = {**asdict(wiped), "ok": wiped.ok}
+    took("wipe")
     return wiped.ok and not scrubbed.unfinished, detail
 
 

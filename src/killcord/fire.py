@@ -258,7 +258,7 @@ class Firer:
         # the last word before the machine goes: what was freed and wiped, on the console
         log.critical("poweroff", wiped_ok=wiped, files_freed=scrubbed["files"],
                      mounts=len(scrubbed["mounts"]), wiped=detail.get("wiped"), dm=detail.get("dm"),
-                     reaped=detail.get("reaped"))
+                     reaped=detail.get("reaped"), steps_ms=detail.get("steps_ms"))
         detail["error"] = fallback.power_off()
         return Outcome.FAILED, detail
 
