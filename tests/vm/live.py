@@ -54,6 +54,12 @@ OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")  # Debian's ovmf package
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
 
+# An S3 guest has one vCPU: Debian 13's kernel (6.12) under QEMU 7.2's TCG double-faulted
+# as it resumed with two (in irqrouter_resume -> acpi_pci_link_set, right after "Restoring
+# platform NVS memory": on qemu64 in 3 of 3 tries, on max in 1 of 2), and resumed with one.
+S3_CPUS = 1
+
+
 def boot(image: Image, log: Path, append: str = "", extra_args: list[str] | None = None,
          memory_mib: int = 1024, s3: bool = False, uefi: bool = False) -> Guest:
     """Boot the live system from the stick (qemu-xhci + usb-storage, id "stick"); the
@@ -66,7 +72,8 @@ def boot(image: Image, log: Path, append: str = "", extra_args: list[str] | None
     stick answers the next read with a Unit Attention, and Linux fails every later read
     from a removable disk that did so ("device offline or changed"), which takes the live
     root away. A real port mostly keeps its power through S3; this keeps the test about
-    killcord rather than about that artefact. And the CPU model is QEMU's max (below).
+    killcord rather than about that artefact. And the CPU model is QEMU's max (below), with
+    one vCPU (S3_CPUS).
 
     uefi: boot through OVMF (its EFI stub: the bzImage), with a writable copy of its
     variable store beside the log, so that the guest has efivarfs."""
@@ -89,7 +96,8 @@ def boot(image: Image, log: Path, append: str = "", extra_args: list[str] | None
         "-device", f"usb-storage,bus=xhci.0,drive=stickdrive,id=stick,removable={removable}",
         *(extra_args or []),
     ]
-    return Guest(args, memory_mib=memory_mib, cpus=2, log=log, agent=True, stop_on_poweroff=True)
+    return Guest(args, memory_mib=memory_mib, cpus=S3_CPUS if s3 else 2, log=log, agent=True,
+                 stop_on_poweroff=True)
 
 
 def usb_drive(path: Path, id: str, size: str, mkfs: str | None = None) -> list[str]:
