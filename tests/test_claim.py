@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import array
+import errno
 import os
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from killcord import claim
 
@@ -164,3 +167,18 @@ def test_a_child_that_cannot_claim_says_why() -> None:
 def test_one_cpu_is_left_to_the_rest() -> None:
     cpus = len(os.sched_getaffinity(0))
     assert claim.default_threads() == max(1, min(claim.MAX_THREADS, cpus - 1))
+
+
+def test_no_child_no_claim_and_the_caller_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fork refused (out of tasks or memory): an error the caller reports, nothing raised,
+    and releasing kills nothing (kill(0) would be this whole process group)."""
+    def refuse() -> int:
+        raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+    killed: list[int] = []
+    monkeypatch.setattr(os, "fork", refuse)
+    monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append(pid))
+    held = claim.in_child(16 * MiB, 16 * MiB, time.monotonic() + 30, lambda n: True)
+    held.release()
+    assert (held.pid, held.bytes, held.finished) == (0, 0, False)
+    assert held.error == "fork: Resource temporarily unavailable" and killed == []

@@ -182,6 +182,8 @@ class Held:
 
     def release(self) -> None:
         """Kill the child and reap it: its memory goes back to the kernel."""
+        if self.pid <= 0:
+            return  # no child was started (kill(0) would be this whole process group)
         try:
             os.kill(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
@@ -196,8 +198,16 @@ def in_child(budget: int, chunk: int, deadline: float, room: Callable[[int], boo
     by then; `room` runs in the child."""
     threads = threads or default_threads()
     baseline = rss_anon()  # the child starts with the parent's anonymous pages mapped
-    r, w = os.pipe()
-    pid = os.fork()
+    try:
+        r, w = os.pipe()
+    except OSError as exc:
+        return Held(0, threads=threads, error=f"pipe: {exc.strerror}")
+    try:
+        pid = os.fork()
+    except OSError as exc:  # out of tasks or memory: nothing claimed, and the caller goes on
+        os.close(r)
+        os.close(w)
+        return Held(0, threads=threads, error=f"fork: {exc.strerror}")
     if pid == 0:  # the child: never returns into the caller
         try:
             os.close(r)
