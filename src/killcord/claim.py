@@ -81,9 +81,12 @@ def release(chunks: list[Chunk]) -> None:
 @dataclass
 class Claimed:
     chunks: list[Chunk]
-    error: str
     threads: int
-    errno: int = 0  # the error's number, 0 for none
+    errno: int = 0  # why claiming stopped early, 0 for no error
+
+    @property
+    def error(self) -> str:
+        return os.strerror(self.errno) if self.errno else ""
 
     @property
     def bytes(self) -> int:
@@ -101,7 +104,6 @@ class _Pool:
         self.left = budget
         self.inflight = 0
         self.stop = False
-        self.error = ""
         self.errno = 0
 
 
@@ -133,7 +135,7 @@ def claim_until(budget: int, chunk: int, deadline: float, room: Callable[[int], 
                 c = claim(n)
             except ClaimError as exc:
                 with pool.lock:
-                    pool.stop, pool.error, pool.errno = True, exc.strerror or str(exc), exc.errno or errno.EIO
+                    pool.stop, pool.errno = True, exc.errno or errno.EIO
                     pool.inflight -= n
                 return
             with pool.lock:
@@ -153,7 +155,7 @@ def claim_until(budget: int, chunk: int, deadline: float, room: Callable[[int], 
         t.join(max(0.0, deadline - time.monotonic()))
     with pool.lock:
         pool.stop = True
-        return Claimed(list(pool.chunks), pool.error, threads, pool.errno)
+        return Claimed(list(pool.chunks), threads, pool.errno)
 
 
 def rss_anon(path: str = "/proc/self/status") -> int:
