@@ -71,3 +71,18 @@ def test_crash_keys_item_warns_when_dm_crypt_keys_go_to_the_crash_kernel(tmp_pat
     assert "rmdir" in item.fix
     loaded.write_text("0\n")
     assert "copied there when a crash kernel is loaded" in check.crash_keys_item(root, loaded).detail
+
+
+@pytest.mark.parametrize(("line", "ok", "said"), [
+    ("quiet init_on_free=1", True, "init_on_free=1"),
+    ("init_on_free=on", True, "init_on_free=on"),
+    ("quiet", False, "init_on_free not on the kernel command line"),
+    ("init_on_free=1 init_on_free=0", False, "init_on_free=0"),
+    ("init_on_free=1 page_poison=1", False, "but page_poison=1 takes its place"),
+])
+def test_init_on_free_item_follows_what_the_fallback_decides(line: str, ok: bool, said: str) -> None:
+    item = check.init_on_free_item(line)
+    assert item.ok is ok and said in item.detail and not item.required
+    assert bool(item.fix) is not ok
+    if "page_poison" in said:
+        assert "remove page_poison" in item.fix

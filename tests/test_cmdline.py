@@ -345,3 +345,30 @@ def test_hooks_wipe_exactly_when_the_kernel_says_so(hook: Path, line: str, ran: 
         got, console = run_hook(hook, line, Path(box))
     assert got == ran
     assert ("wipe finished" in console) == bool(ran)
+
+
+@pytest.mark.parametrize(("line", "zeroed"), [
+    ("quiet init_on_free=1", True),
+    ("init_on_free=0 init_on_free=1", True),  # the last one wins
+    ("init_on_free=1 init_on_free=0", False),
+    ("init_on_free=1 -- init_on_free=0", True),  # after "--": init's, not the kernel's
+    ("init_on_free=1 page_poison=1", False),  # poisoning takes init_on_free's place
+    ("init_on_free=1 page_poison=0", True),
+    ("init_on_free=on", True),  # kstrtobool: on, y, t are true too
+    ("init_on_free=yes page_poison=off", True),
+    ("init_on_free=1 page_poison=Y", False),
+    ("init_on_free", False),  # no value: refused, the default (off) stays
+    ("init_on_alloc=1", False),
+    ("", False),
+])
+def test_the_claim_is_skipped_only_where_the_kernel_zeroes_what_is_freed(line: str, zeroed: bool) -> None:
+    assert cmdline.frees_zeroed(line) is zeroed
+
+
+@pytest.mark.parametrize(("value", "read"), [
+    ("1", True), ("y", True), ("Yes", True), ("t", True), ("on", True), ("ON", True),
+    ("0", False), ("n", False), ("false", False), ("off", False), ("Of", False),
+    ("", None), (None, None), ("o", None), ("ox", None), ("2", None), ("enable", None),
+])
+def test_kernel_bool_reads_as_kstrtobool(value: str | None, read: bool | None) -> None:
+    assert cmdline.kernel_bool(value) is read

@@ -124,15 +124,3 @@ def test_dry_run_handles_open_nothing() -> None:
     assert h.dm_control is None and h.drop_caches is None
 
 
-@pytest.mark.parametrize(("line", "zeroed"), [
-    ("quiet init_on_free=1", True),
-    ("init_on_free=0 init_on_free=1", True),  # the last one wins
-    ("init_on_free=1 init_on_free=0", False),
-    ("init_on_free=1 -- init_on_free=0", True),  # after "--": init's, not the kernel's
-    ("init_on_free=1 page_poison=1", False),  # poisoning takes init_on_free's place
-    ("init_on_free=1 page_poison=0", True),
-    ("init_on_alloc=1", False),
-    ("", False),
-])
-def test_the_claim_is_skipped_only_where_the_kernel_zeroes_what_is_freed(line: str, zeroed: bool) -> None:
-    assert fallback.frees_zeroed(line) is zeroed

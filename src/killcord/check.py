@@ -8,7 +8,7 @@ from pathlib import Path
 import psutil
 
 from killcord import audit, control, kexec, medium, mor, resident, wipetarget
-from killcord.cmdline import CmdlineError, last_value, read_proc, sanitize
+from killcord.cmdline import CmdlineError, frees_zeroed, last_value, poisons_pages, read_proc, sanitize
 from killcord.config import Config
 
 
@@ -43,11 +43,7 @@ def run(config: Config, cmdline: str | None = None, drop_caches: bool = False) -
                           "nothing to pull once the medium is in RAM; `killcord panic` still fires"))
     except (medium.MediumError, medium.MediumAbsent) as exc:
         items.append(Item("medium", False, True, str(exc), 'set medium = "/dev/..." (or serial:, uuid:, id-path:)'))
-    iof = last_value(cmdline, "init_on_free")
-    items.append(Item("init_on_free", iof == "1", False,
-                      f"init_on_free={iof}" if iof is not None else "init_on_free not on the kernel command line",
-                      "" if iof == "1" else "add init_on_free=1 to the boot loader's kernel command line: "
-                      "memory freed by killed processes is then zeroed at once"))
+    items.append(init_on_free_item(cmdline))
     items.append(_kexec_item(config, cmdline))
     try:
         audit.parse(audit.read_snapshot().decode())
@@ -63,6 +59,22 @@ def run(config: Config, cmdline: str | None = None, drop_caches: bool = False) -
                       "" if running else "install and start memlockd with killcord's memlockd config, "
                       "so kexec and systemctl stay in RAM"))
     return items
+
+
+def init_on_free_item(cmdline: str) -> Item:
+    """Whether this boot zeroes what killed processes free, as the fallback decides it."""
+    iof = last_value(cmdline, "init_on_free")
+    said = f"init_on_free={iof}" if iof is not None else "init_on_free not on the kernel command line"
+    if frees_zeroed(cmdline):
+        return Item("init_on_free", True, False, said)
+    if poisons_pages(cmdline):
+        return Item("init_on_free", False, False,
+                    f"{said}, but page_poison={last_value(cmdline, 'page_poison')} takes its place: "
+                    "freed memory is poisoned, not zeroed, and the fallback must claim it",
+                    "remove page_poison from the boot loader's kernel command line and keep init_on_free=1")
+    return Item("init_on_free", False, False, said,
+                "add init_on_free=1 to the boot loader's kernel command line: "
+                "memory freed by killed processes is then zeroed at once")
 
 
 def _kexec_item(config: Config, cmdline: str) -> Item:

@@ -203,6 +203,37 @@ def last_value(cmdline: str | bytes, name: str) -> str | None:
     return value
 
 
+def kernel_bool(value: str | None) -> bool | None:
+    """A boolean parameter's value as lib/kstrtox.c kstrtobool() reads it: y/Y/t/T/1 and
+    on are true, n/N/f/F/0 and off false; anything else (an empty value, no "=") is refused,
+    and so is the parameter's absence: None, the kernel keeps its default. (A refused later
+    occurrence leaves an earlier one in force; last_value() sees only the last, so callers
+    reading None as "off" err towards doing the work themselves.)"""
+    if not value:
+        return None
+    if value[0] in "yYtT1":
+        return True
+    if value[0] in "nNfF0":
+        return False
+    if value[0] in "oO" and len(value) > 1:
+        return {"n": True, "f": False}.get(value[1].lower())
+    return None
+
+
+def poisons_pages(line: str | bytes) -> bool:
+    """page_poison=1 (mm/page_poison.c): freed pages are filled with a pattern, and the
+    kernel turns init_on_alloc and init_on_free off in its favour (mm/mm_init.c)."""
+    return kernel_bool(last_value(line, "page_poison")) is True
+
+
+def frees_zeroed(line: str | bytes) -> bool:
+    """Whether a kernel booted with this line zeroes every page as it is freed, its boot's
+    own freeing of all memory included: init_on_free on (the last one wins), page
+    poisoning off. Debian's kernels leave it off by default (CONFIG_INIT_ON_FREE_DEFAULT_ON
+    unset), so the parameter's absence reads as off."""
+    return kernel_bool(last_value(line, "init_on_free")) is True and not poisons_pages(line)
+
+
 def initramfs_words(line: str) -> list[str]:
     """The line as initramfs scripts (initramfs-tools, live-boot, dracut's shell) read it:
     `for x in $(cat /proc/cmdline)`, split on whitespace, quotes and `--` not special. What

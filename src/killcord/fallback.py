@@ -218,14 +218,6 @@ def power_off() -> str:
     return os.strerror(ctypes.get_errno() or errno.EPERM)
 
 
-def frees_zeroed(line: str) -> bool:
-    """Whether a kernel booted with this command line zeroes every page as it is freed,
-    its boot's own freeing of all memory included: init_on_free=1 (the last one wins),
-    unless page poisoning is on, which the kernel lets take its place."""
-    poison = (cmdline.last_value(line, "page_poison") or "").lower()
-    return cmdline.last_value(line, "init_on_free") == "1" and poison not in ("1", "y", "yes", "on", "true")
-
-
 @dataclass(frozen=True)
 class Handles:
     """What the fallback opens or learns at arm time, so that the firing path looks
@@ -233,7 +225,7 @@ class Handles:
 
     dm_control: int | None
     drop_caches: int | None
-    freed_zeroed: bool = False  # frees_zeroed() of this boot
+    freed_zeroed: bool = False  # cmdline.frees_zeroed() of this boot
 
     @classmethod
     def open(cls, live: bool) -> Handles:
@@ -244,7 +236,7 @@ class Handles:
         except OSError:
             drop = None
         try:
-            zeroed = frees_zeroed(cmdline.read_proc())
+            zeroed = cmdline.frees_zeroed(cmdline.read_proc())
         except OSError:
             zeroed = False
         return cls(dm.open_control(), drop, zeroed)
