@@ -273,6 +273,21 @@ def test_shell_reads_the_line_as_python_does(shell: list[str], line: str, name: 
     assert kc_param(shell, name, line) == cmdline.last_value(line, name)
 
 
+@pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(words=st.lists(st.sampled_from(["init_on_free", "init-on-free", "page_poison"]).flatmap(
+    lambda n: st.sampled_from(["", "=", "=1", "=0", "=on", "=off", "=y", "=Yes", "=t", "=no", "=o", "=2", '="1"'])
+    .map(lambda v: n + v)) | st.sampled_from(["--", "quiet", '"--"']), max_size=5))
+@example(words=["init_on_free=1", "page_poison=1"])
+@example(words=["init_on_free=1", "--", "init_on_free=0"])
+def test_shell_decides_frees_zeroed_as_python_does(shell: list[str], words: list[str]) -> None:
+    line = " ".join(words)
+    r = subprocess.run([*shell, "-c", f'. "{LIB}"; kc_frees_zeroed "$1"', "kc", line],
+                       capture_output=True, env={"PATH": os.environ["PATH"], "LC_ALL": "C"}, timeout=30)
+    assert r.stderr == b"" and r.returncode in (0, 1)
+    assert (r.returncode == 0) is cmdline.frees_zeroed(line), line
+
+
 def test_shell_files_pass_shellcheck_and_sh_n() -> None:
     files = [LIB, *sorted((ROOT / "initramfs-hooks" / "dracut").rglob("*.sh")),
              *sorted(f for f in (ROOT / "initramfs-hooks" / "initramfs-tools").rglob("*") if f.is_file())]

@@ -517,3 +517,30 @@ def test_the_man_page_explains_every_setting_from_the_conffile(tmp_path: Path) -
         assert re.search(rf"\\fB\[?{name}\]?\\fR", section), f"{name} is not in the man page"
     for stage, ms in DEFAULT_DEADLINES_MS.items():
         assert f"{stage.value} = {ms}" in section
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(("line", "told"), [
+    ("boot=live quiet init_on_free=1", False),
+    ("init_on_free=on", False),  # kstrtobool: what the kernel reads as on
+    ("boot=live quiet", True),
+    ("init_on_free=1 init_on_free=0", True),  # the last one wins
+    ("init_on_free=1 page_poison=1", True),  # poisoning takes its place
+    ('init_on_free=0 -- init_on_free=1', True),  # after "--": init's, not the kernel's
+])
+def test_postinst_tells_the_admin_when_the_kernel_does_not_zero_what_is_freed(
+        tmp_path: Path, line: str, told: bool) -> None:
+    """The postinst's notice, run as installed (its functions, the real killcord-cmdline)
+    against a /proc/cmdline bind-mounted in a mount namespace of its own."""
+    text = (DEBIAN / "killcord.postinst").read_text()
+    functions = text[:text.index('case "$1" in')]  # the maintainer script's functions, not its actions
+    assert "init_on_free_notice()" in functions
+    lib = ROOT / "initramfs-hooks" / "killcord-cmdline"
+    (tmp_path / "functions").write_text(functions.replace("/usr/lib/killcord/killcord-cmdline", str(lib)))
+    (tmp_path / "cmdline").write_text(line + "\n")
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                        f'mount --bind "{tmp_path}/cmdline" /proc/cmdline && . "{tmp_path}/functions" && init_on_free_notice'],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert ("NOTICE: the running kernel was booted without init_on_free=1" in r.stderr) is told, r.stderr
+    assert r.stdout == ""
