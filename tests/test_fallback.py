@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,3 +125,50 @@ def test_dry_run_handles_open_nothing() -> None:
     assert h.dm_control is None and h.drop_caches is None
 
 
+@needs_root
+@pytest.mark.parametrize("slow", [False, True])
+def test_the_caches_drop_beside_the_scrub_and_a_drop_the_deadline_cuts_short_is_no_success(
+        tmpfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slow: bool) -> None:
+    """The live fallback on this machine, as far as it can safely go: no device-mapper, no
+    claim (init_on_free=1), a real tmpfs of its own, and a regular file standing in for
+    /proc/sys/vm/drop_caches. With `slow`, a fake kernel that takes longer to zero the
+    dropped pages than the deadline allows (os.pwrite blocking, as the write does for
+    seconds under TCG): the fallback must not wait past its deadline, nor call that wiped."""
+    (tmpfs / "secret").write_bytes(b"x" * 4096)
+    began, release = threading.Event(), threading.Event()
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        began.set()
+        if slow:
+            release.wait(30)
+        return real_pwrite(fd, data, offset)
+
+    drop_began_first: list[bool] = []
+
+    def ram_mounts() -> list[str]:
+        began.wait(1)  # the drop's thread is started before the scrub looks for mounts
+        drop_began_first.append(began.is_set())
+        return [str(tmpfs)]
+
+    monkeypatch.setattr(fallback.os, "pwrite", pwrite)
+    monkeypatch.setattr(fallback, "ram_mounts", ram_mounts)
+    drop = tmp_path / "drop_caches"
+    fd = os.open(drop, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        ok, detail = fallback.run(fallback.Handles(None, fd, freed_zeroed=True), time.monotonic() + 1.0, live=True)
+    finally:
+        release.set()
+        os.close(fd)
+    assert drop_began_first == [True]
+    assert not (tmpfs / "secret").exists()
+    assert detail["wiped"] == {"skipped": "init_on_free=1: every page was zeroed as it was freed", "ok": True}
+    if slow:
+        assert detail["drop_caches_error"] == fallback.CacheDrop.UNFINISHED and ok is False
+    else:
+        assert detail["drop_caches_error"] == "" and ok is True
+        assert drop.read_bytes() == b"3\n"
+
+
+def test_caches_not_opened_at_arm_time_are_not_dropped_and_say_so() -> None:
+    assert "was not opened at arm time" in fallback.CacheDrop(None).wait(time.monotonic() + 1)

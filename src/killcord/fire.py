@@ -257,7 +257,8 @@ class Firer:
         assert isinstance(scrubbed, dict)
         # the last word before the machine goes: what was freed and wiped, on the console
         log.critical("poweroff", wiped_ok=wiped, files_freed=scrubbed["files"],
-                     mounts=len(scrubbed["mounts"]), wiped=detail.get("wiped"), dm=detail.get("dm"),
+                     mounts=len(scrubbed["mounts"]), caches=detail.get("drop_caches_error") or "dropped",
+                     wiped=detail.get("wiped"), dm=detail.get("dm"),
                      reaped=detail.get("reaped"), steps_ms=detail.get("steps_ms"))
         detail["error"] = fallback.power_off()
         return Outcome.FAILED, detail

@@ -147,6 +147,16 @@ def open_luks(g, size: int = 64 << 20) -> tuple[bytes, bytes]:
     return key[:32], key[32:]
 
 
+SYSRQ = re.compile(r"stage=sysrq|sysrq ?: Power Off", re.IGNORECASE)
+
+
+def sysrq_fired(console: str) -> bool:
+    """Whether the last resort ran: its stage's line, or the kernel's own when sysrq's power
+    off went through (the stage's line may never get out: the machine is off by then, as a
+    Debian 12 guest's fallback showed once its poweroff stage had run past its deadline)."""
+    return SYSRQ.search(console) is not None
+
+
 def wait_armed(g: Guest, timeout: float = 400) -> dict:
     g.wait_agent(timeout)
     reply = g.run("end=$(( $(date +%s) + 300 )); while [ $(date +%s) -lt $end ]; do "
