@@ -502,3 +502,48 @@ def test_a_chord_one_key_can_complete_is_refused_at_start(loopdev, env, start_da
     assert proc.returncode != 0
     assert "panic_keys" in err and "'ctrl+leftctrl+k'" in err and "name each key once" in err
     assert not Path(env["KILLCORD_SOCKET"]).exists()  # never armed
+
+
+def test_status_says_how_the_detector_runs_from_the_first_answer(loopdev, ramdir, monkeypatch) -> None:
+    """The daemon in this process, armed (dry-run), its loop in the main thread. A host too
+    busy to run the new detector thread at once is faked by holding its policy call back
+    for half a second: a status asked for at once must still say how the detector runs,
+    never "not started" beside "armed" (what a loaded host once showed)."""
+    import threading
+
+    from killcord import control, daemon, sched
+    from killcord.config import Config
+
+    held = threading.Event()
+    real = sched.realtime
+
+    def late() -> str:
+        held.wait(10)
+        return real()
+
+    monkeypatch.setattr(daemon.sched, "realtime", late)
+    d = daemon.Daemon(Config(state_dir=ramdir, socket=ramdir / "c.sock", medium=loopdev()))
+    d.arm()
+    replies: list[control.Reply] = []
+
+    def ask() -> None:
+        try:
+            replies.append(control.request(ramdir / "c.sock", "status", timeout=10))
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # the loop's own handler: a clean stop
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    threading.Timer(0.5, held.set).start()
+    asking = threading.Thread(target=ask)
+    asking.start()
+    try:
+        d.loop()
+    finally:
+        held.set()
+        asking.join(10)
+        signal.set_wakeup_fd(-1)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert len(replies) == 1 and isinstance(replies[0], control.StatusReply), replies
+    assert replies[0].state == "armed"
+    assert replies[0].detector.startswith("SCHED_FIFO"), replies[0].detector

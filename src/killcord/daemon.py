@@ -49,6 +49,9 @@ BACKLOG_RECHECK_S = 0.1  # sysfs re-check period while uevents stay queued (see 
 # How long a thread holding the GIL keeps it once another asks (CPython's default is 5 ms):
 # the detector, woken by a uevent, waits at most this for the control thread to let go.
 SWITCH_INTERVAL_S = 0.0005
+# How long the control socket waits for the detector threads to take their policies: a
+# status served before that said "not started" beside "armed" (seen on a loaded host).
+THREADS_UP_S = 5.0
 
 logger = structlog.get_logger("killcord.daemon")
 
@@ -100,6 +103,9 @@ class Daemon:
         self.detector_error: str | None = None
         self.keyboards: keyboards.Keyboards | None = None  # with panic_keys set
         self.keys_sched = "not started"
+        # set by each thread once its policy is known: status waits for them (see loop)
+        self.detector_up = threading.Event()
+        self.keys_up = threading.Event()
         self.standby: standby.Standby | None = None
         self.overflows = 0
         self.refusals: dict[str, tuple[float, int]] = {}  # command: (last logged, not logged since)
@@ -254,6 +260,11 @@ class Daemon:
         detector.start()
         if self.keyboards is not None:
             threading.Thread(target=self.read_keys, args=(wake_w,), name="keys", daemon=True).start()
+        # Nothing is lost meanwhile (the uevent socket queues what it gets); a client that
+        # connects now is served once status can say how the detectors run.
+        self.detector_up.wait(THREADS_UP_S)
+        if self.keyboards is not None:
+            self.keys_up.wait(THREADS_UP_S)
         interval = log.watchdog_interval()
         last_ping = time.monotonic()
         while not self.stopping:
@@ -295,6 +306,7 @@ class Daemon:
         if took != "ok":
             logger.warning("not_realtime", error=took, fix="give the daemon CAP_SYS_NICE")
         self.detector_sched = sched.describe() + ("" if took == "ok" else f" ({took})")
+        self.detector_up.set()
         try:
             with selectors.DefaultSelector() as sel:
                 sel.register(self.watcher.fileno(), selectors.EVENT_READ)
@@ -320,6 +332,7 @@ class Daemon:
         assert self.keyboards is not None
         took = sched.realtime()
         self.keys_sched = sched.describe() + ("" if took == "ok" else f" ({took})")
+        self.keys_up.set()
         try:
             while not self.closed:
                 keyboard = self.keyboards.wait()
