@@ -504,8 +504,9 @@ def test_a_chord_one_key_can_complete_is_refused_at_start(loopdev, env, start_da
     assert not Path(env["KILLCORD_SOCKET"]).exists()  # never armed
 
 
-def test_status_says_how_the_detector_runs_from_the_first_answer(loopdev, ramdir, monkeypatch) -> None:
-    """The daemon in this process, armed (dry-run), its loop in the main thread. A host too
+def test_status_says_how_the_detector_runs_from_the_first_answer(loopdev, ramdir, monkeypatch, in_process) -> None:
+    """The daemon in this process (in_process: no mlockall of pytest, no standby, a fake
+    kexec), armed (dry-run), its loop in the main thread. A host too
     busy to run the new detector thread at once is faked by holding its policy call back
     for half a second: a status asked for at once must still say how the detector runs,
     never "not started" beside "armed" (what a loaded host once showed)."""
