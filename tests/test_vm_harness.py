@@ -21,6 +21,7 @@ INT3 = [
 def test_an_int3_oops_then_a_panic_after_the_jump_is_the_tcg_race() -> None:
     crash = tcg_crash(BEFORE + INT3)
     assert crash is not None and "Oops: int3" in crash and "Fatal exception" in crash
+    assert crash.startswith("the kernel killcord jumped to: ")
 
 
 def test_any_other_crash_of_the_target_is_a_failure() -> None:
@@ -41,6 +42,6 @@ def test_the_first_kernel_dying_of_the_race_counts_where_there_was_no_jump() -> 
     died so at 5.3 s, and the test waited 400 s for a line that could not come."""
     first = ["[    0.000000] Linux version 6.12.118+deb13-amd64", *INT3]
     crash = tcg_crash(first)
-    assert crash is not None and "Oops: int3" in crash
+    assert crash is not None and "Oops: int3" in crash and crash.startswith("the guest's first kernel: ")
     no_root = ["[    6.1] Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)"]
     assert tcg_crash(first[:1] + no_root) is None

@@ -53,7 +53,8 @@ def tcg_crash(lines: list[str]) -> str | None:
     panic = next((t for t in after if "Kernel panic - not syncing" in t), None)
     if oops is None or panic is None:
         return None
-    return f"{oops.strip()}; {panic.strip()}"
+    which = "the kernel killcord jumped to" if start >= 0 else "the guest's first kernel"
+    return f"{which}: {oops.strip()}; {panic.strip()}"
 
 
 class Guest:
@@ -132,11 +133,9 @@ class Guest:
 
     def _check_target(self) -> None:
         with self._cond:
-            jumped = any(JUMP in line.text for line in self.lines)
             crash = tcg_crash([line.text for line in self.lines])
         if crash is not None:
-            which = "the kernel killcord jumped to" if jumped else "the guest's kernel"
-            raise GuestCrashedBooting(f"{which} crashed ({crash}); "
+            raise GuestCrashedBooting(f"a kernel crashed ({crash}); "
                                       "QEMU's text-patching race under TCG, not killcord's doing")
 
     def text(self) -> str:
