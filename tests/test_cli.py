@@ -67,9 +67,51 @@ def test_slabinfo_diff_bad_input_names_the_file(tmp_path: Path) -> None:
 
 
 def test_bad_config_value_is_named_with_the_fix() -> None:
-    proc = cli("status", env={"KILLCORD_MODE": "on"})
+    proc = cli("check", env={"KILLCORD_MODE": "on"})
     assert proc.returncode == 2
     assert "KILLCORD_MODE" in proc.stderr and "'on'" in proc.stderr and "dry-run" in proc.stderr
+    # a client command loads the whole configuration when the socket's own value is bad
+    proc = cli("status", env={"KILLCORD_SOCKET": "control.sock"})
+    assert proc.returncode == 2 and "KILLCORD_SOCKET" in proc.stderr and "absolute" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("command", [["status"], ["arm"], ["disarm", "--for", "60"], ["recheck"]])
+def test_client_commands_start_without_pydantic(command: list[str], ramdir: Path) -> None:
+    """pydantic-settings took 0.8 s to import here and 10 s under TCG before a panic could be
+    sent: the clients find the socket through locate.py alone."""
+    code = ("import sys\nfrom killcord import cli\nrc = cli.main(sys.argv[1:])\n"
+            "print('loaded:', sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'pydantic_settings')))\n"
+            "sys.exit(rc)")
+    e = {k: v for k, v in os.environ.items() if not k.startswith("KILLCORD_")}
+    e.update(KILLCORD_SOCKET=str(ramdir / "control.sock"))
+    fake = FakeDaemon(ramdir / "control.sock", "garbage")
+    proc = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True, env=e, timeout=60)
+    fake.close()
+    assert proc.returncode == 4, proc.stderr  # the garbage is no answer
+    assert "loaded: []" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_a_bad_value_in_the_file_does_not_hold_back_the_panic_request(ramdir: Path, tmp_path: Path) -> None:
+    """An admin's typo after arming: the daemon runs with what it validated at start, so the
+    panic request still goes to it (before, the CLI refused with exit 2 and sent nothing)."""
+    got: list[bytes] = []
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(ramdir / "control.sock"))
+    srv.listen(1)
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            got.append(conn.recv(4096))
+            conn.sendall(b'{"ok": true, "state": "fired", "mode": "dry-run", "note": ""}\n')
+
+    threading.Thread(target=serve, daemon=True).start()
+    conf = tmp_path / "killcord.toml"
+    conf.write_text(f'socket = "{ramdir / "control.sock"}"\nmode = "on"\n')
+    proc = cli("--config", str(conf), "panic")
+    srv.close()
+    assert got and b'"cmd": "panic"' in got[0], (got, proc.stderr)
+    assert proc.returncode == 0 and "fired" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_status_without_daemon(ramdir: Path) -> None:

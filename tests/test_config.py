@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from killcord import locate
 from killcord.config import DEFAULT_DEADLINES_MS, ConfigError, load
 from killcord.events import Stage
 
@@ -114,3 +117,58 @@ def test_valid_forms_accepted(tmp_path: Path) -> None:
     for medium in ("auto", "/dev/sdb1", "serial:AB12", "uuid:2024-01-01-00-00-00-00", "id-path:pci-0000:00:14.0-usb-0:1:1.0-scsi-0:0:0:0"):
         assert load(write(tmp_path, f'medium = "{medium}"\n')).medium == medium
     assert load(write(tmp_path, 'cord = "serial:AB12CD@1-1.2"\npanic_group = "root"\n')).cord == "serial:AB12CD@1-1.2"
+
+
+# locate.socket: what the client commands use instead of load(). Whatever the sources hold,
+# it finds load()'s socket whenever load() accepts the configuration, and gives up (None)
+# only where load() refuses it.
+SOCKET_VALUES = st.sampled_from(["/run/kc/a.sock", "/tmp/b.sock", "relative.sock", "", "/"])
+FILE_TEXTS = st.one_of(
+    st.none(),  # no file: the explicit --config path does not exist
+    st.sampled_from(["", 'mode = "live"\n', 'mode = "on"\n', "mode = = live\n", "socket = 3\n", 'moed = "live"\n']),
+    SOCKET_VALUES.map(lambda v: f"socket = {v!r}\n"),
+    st.tuples(SOCKET_VALUES, st.sampled_from(['mode = "on"\n', 'medium = "sdb"\n'])).map(
+        lambda t: f"socket = {t[0]!r}\n{t[1]}"),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=FILE_TEXTS, env_socket=st.one_of(st.none(), SOCKET_VALUES),
+       env_mode=st.sampled_from([None, "live", "on"]), via_env=st.booleans())
+def test_locate_finds_the_socket_load_would(tmp_path: Path, text: str | None, env_socket: str | None,
+                                            env_mode: str | None, via_env: bool) -> None:
+    import os
+
+    path = tmp_path / "located.toml"
+    path.unlink(missing_ok=True)
+    if text is not None:
+        path.write_text(text)
+    env = {"KILLCORD_SOCKET": env_socket, "KILLCORD_MODE": env_mode, "KILLCORD_CONFIG": str(path) if via_env else None}
+    saved = {k: os.environ.pop(k, None) for k in env}
+    try:
+        os.environ.update({k: v for k, v in env.items() if v is not None})
+        explicit = None if via_env else path
+        found = locate.socket(explicit)
+        refused = ""
+        try:
+            loaded = load(explicit).socket
+        except ConfigError as exc:
+            loaded, refused = None, str(exc)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
+    if loaded is not None:
+        assert found == loaded
+    if found is None:
+        assert loaded is None
+    if "(KILLCORD_SOCKET)" in refused:  # the socket's own value refused: the client loads it all to say why
+        assert found is None, refused
+
+
+def test_locate_without_a_file_gives_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(locate, "DEFAULT_CONFIG", Path("/nonexistent/killcord.toml"))
+    assert locate.config_file() is None and locate.socket() == locate.DEFAULT_SOCKET
+    monkeypatch.setenv("killcord_socket", "/run/lower.sock")  # pydantic-settings ignores case
+    assert locate.socket() == Path("/run/lower.sock")

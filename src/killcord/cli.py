@@ -31,6 +31,15 @@ def _config(args: argparse.Namespace):  # -> Config
     return load(args.config)
 
 
+def _socket(args: argparse.Namespace) -> Path:
+    """The daemon's socket without pydantic (locate.py: a panic is sent at once, and a bad
+    value elsewhere in the file does not hold it back); the whole configuration is loaded
+    only for the error when the socket's own value is refused."""
+    from killcord import locate
+
+    return locate.socket(args.config) or _config(args).socket
+
+
 def cmd_daemon(args: argparse.Namespace) -> int:
     # Everything the firing path needs is imported here, at start, never at fire time.
     from killcord import daemon, log
@@ -53,15 +62,14 @@ PANIC_DEADLINE_S = 2.0
 def cmd_panic(args: argparse.Namespace) -> int:
     from killcord import control
 
-    config = _config(args)
     try:
-        reply = control.request(config.socket, "panic", timeout=PANIC_DEADLINE_S)
+        reply = control.request(_socket(args), "panic", timeout=PANIC_DEADLINE_S)
     except control.NoAnswer as exc:
-        return _panic_alone(config, str(exc))
+        return _panic_alone(_config(args), str(exc))
     if not isinstance(reply, control.PanicReply):
         assert isinstance(reply, control.ErrorReply)
         if os.geteuid() == 0:  # never happens with a sound daemon; root fires regardless
-            return _panic_alone(config, f"the daemon refused: {reply.error}")
+            return _panic_alone(_config(args), f"the daemon refused: {reply.error}")
         return _err(reply.error, EXIT_DENIED)
     print(f"killcord: {reply.state} ({reply.mode})" + (f": {reply.note}" if reply.note else ""))
     return 0
@@ -94,9 +102,8 @@ def _panic_alone(config, why: str) -> int:  # noqa: ANN001
 def cmd_recheck(args: argparse.Namespace) -> int:
     from killcord import control
 
-    config = _config(args)
     try:
-        reply = control.request(config.socket, "recheck")
+        reply = control.request(_socket(args), "recheck")
     except control.NoAnswer as exc:
         return _err(str(exc), EXIT_NO_DAEMON)
     if not isinstance(reply, control.RecheckReply):
@@ -120,7 +127,7 @@ def _ask(args: argparse.Namespace, cmd: str, want: type, **request: object) -> o
     from killcord import control
 
     try:
-        reply = control.request(_config(args).socket, cmd, **request)
+        reply = control.request(_socket(args), cmd, **request)
     except control.NoAnswer as exc:
         return _err(str(exc), EXIT_NO_DAEMON)
     if not isinstance(reply, want):
@@ -154,9 +161,8 @@ def cmd_arm(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from killcord import control
 
-    config = _config(args)
     try:
-        status = control.request(config.socket, "status")
+        status = control.request(_socket(args), "status")
     except control.NoAnswer as exc:
         if args.json:
             print(json.dumps({"state": "stopped" if exc.missing else "unreachable", "error": str(exc)}))
@@ -368,7 +374,7 @@ COMMANDS = {"daemon": cmd_daemon, "panic": cmd_panic, "recheck": cmd_recheck, "d
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from killcord.config import ConfigError
+    from killcord.locate import ConfigError
 
     try:
         return COMMANDS[args.command](args)

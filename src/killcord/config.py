@@ -7,7 +7,6 @@ and what is allowed, before anything is armed (never at trigger time).
 from __future__ import annotations
 
 import grp
-import os
 import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -20,11 +19,12 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from killcord import chord, cmdline
+from killcord import chord, cmdline, locate
 from killcord.control import MAX_DISARM_S
 from killcord.events import STAGES, Stage
+from killcord.locate import ConfigError
 
-DEFAULT_PATH = Path("/etc/killcord/killcord.toml")
+__all__ = ["Config", "ConfigError", "load"]  # ConfigError lives in locate.py, which the clients import
 
 DEFAULT_DEADLINES_MS: dict[Stage, int] = {
     Stage.KILL: 1000,  # a fork storm takes a few sweeps
@@ -41,17 +41,13 @@ _MEDIUM_FORMS = ("auto", "/dev/...", "serial:<serial>", "uuid:<uuid>", "id-path:
 _CORD = re.compile(r"^serial:(?P<serial>[^@\s]+)@(?P<port>\d+-\d+(\.\d+)*)$")
 
 
-class ConfigError(Exception):
-    """A refused configuration: the message names each bad value and the fix."""
-
-
 class Config(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="KILLCORD_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=locate.ENV_PREFIX, extra="forbid", frozen=True)
     _toml_path: ClassVar[Path | None] = None
 
     mode: Literal["dry-run", "live"] = "dry-run"
     medium: str = "auto"
-    socket: Path = Path("/run/killcord/control.sock")
+    socket: Path = locate.DEFAULT_SOCKET
     state_dir: Path = Path("/run/killcord")
     panic_group: str | None = None
     kexec_kernel: str = "auto"
@@ -192,12 +188,9 @@ class Config(BaseSettings):
 
 def load(path: Path | None = None) -> Config:
     """Load and validate. An explicit path must exist; the default one may be absent."""
-    if path is None:
-        env = os.environ.get("KILLCORD_CONFIG")
-        path = Path(env) if env else None
-    if path is not None and not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist or is not a file")
-    toml_path = path if path is not None else (DEFAULT_PATH if DEFAULT_PATH.is_file() else None)
+    toml_path = locate.config_file(path)
+    if toml_path is not None and not toml_path.is_file():
+        raise ConfigError(f"config file {str(toml_path)!r} does not exist or is not a file")
     Config._toml_path = toml_path
     try:
         return Config()
