@@ -57,10 +57,7 @@ def test_a_process_memory_is_wiped_after_unplug(image: Image) -> None:
     result, pattern = live.Result("a-process"), live.new_pattern()
     with live.boot(image, image.out / "a-process.log") as g:
         status = live.wait_armed(g)
-        assert status["kexec"]["loaded"] and status["medium"]["source"] == "live-boot"
-        # killcord's own wipe target, as the package built it, not the live system's initrd
-        staged = status["kexec"]
-        assert staged["initrd_kind"] == "wipe-target" and staged["initrd_bytes"] <= 1024 * 1024, staged
+        staged = assert_staged_for_live_boot(status)
         fill_and_control(g, result, pattern)
         live.trigger_and_measure(g, result, pattern, live.unplug_stick(g))
     result.notes["medium"] = status["medium"]["device"]
@@ -226,12 +223,27 @@ def test_n_the_jump_fails_the_fallback_waits_for_the_killed_then_wipes(image: Im
     check_wiped(result, image)
 
 
+def assert_staged_for_live_boot(status: dict) -> dict:
+    """Armed on the live system: kexec staged with killcord's own wipe target, as the package
+    built it (not the live system's initrd), the medium found through live-boot."""
+    assert status["kexec"]["loaded"] and status["medium"]["source"] == "live-boot"
+    staged = status["kexec"]
+    assert staged["initrd_kind"] == "wipe-target" and staged["initrd_bytes"] <= 1024 * 1024, staged
+    return staged
+
+
 def test_h_other_stick_and_unrelated_events_never_fire(image: Image, tmp_path: Path) -> None:
+    """What must not fire, then what must: another stick pulled, 1,000 unrelated uevents and
+    an unprivileged `killcord panic` (refused, exit 13) leave it armed and RAM untouched; then
+    the stick is pulled and the path runs as in a (whose checks this makes too: CI runs h in
+    place of a and f on Debian 13, conftest.CI_MATRIX)."""
     extra = live.usb_drive(tmp_path / "other.img", "other", "16M", mkfs="mkfs.ext4")
     result, pattern = live.Result("h-no-false-trigger"), live.new_pattern()
     with live.boot(image, image.out / "h-no-false-trigger.log", extra_args=extra) as g:
-        live.wait_armed(g)
+        staged = assert_staged_for_live_boot(live.wait_armed(g))
         fill_and_control(g, result, pattern)
+        refused = g.run("runuser -u user -- killcord panic", check=False)
+        assert refused["rc"] == 13 and "permission denied" in refused["err"], refused
         g.qmp("device_del", id="other")
         g.run("truncate -s 8M /run/u.img && dev=$(losetup -f --show /run/u.img) && "
               "for i in $(seq 1000); do echo change > /sys/class/block/${dev#/dev/}/uevent; done; "
@@ -242,9 +254,13 @@ def test_h_other_stick_and_unrelated_events_never_fire(image: Image, tmp_path: P
         assert_untouched(g, result, pattern)
         result.notes["other_stick_pulled"] = True
         result.notes["unrelated_uevents"] = 1000
+        result.notes["refused_rc"] = refused["rc"]
         # and the real stick still fires afterwards
         live.trigger_and_measure(g, result, pattern, live.unplug_stick(g))
+    result.notes["initrd"] = {k: staged[k] for k in ("initrd", "initrd_kind", "initrd_bytes")}
     check_wiped(result, image)
+    t = result.timings_ms
+    assert t["unplug_to_detect"] is not None and t["unplug_to_kexec"] is not None and t["unplug_to_wiped"] is not None
 
 
 def test_anti_without_killcord_a_reset_keeps_the_pattern(image: Image) -> None:
