@@ -77,7 +77,7 @@ def test_bad_config_value_is_named_with_the_fix() -> None:
 
 @pytest.mark.parametrize("command", [["status"], ["arm"], ["disarm", "--for", "60"], ["recheck"]])
 def test_client_commands_start_without_pydantic(command: list[str], ramdir: Path) -> None:
-    """pydantic-settings took 0.8 s to import here and 10 s under TCG before a panic could be
+    """pydantic-settings took 0.75 s to import here and 5 s in an idle TCG guest before a panic could be
     sent: the clients find the socket through locate.py alone."""
     code = ("import sys\nfrom killcord import cli\nrc = cli.main(sys.argv[1:])\n"
             "print('loaded:', sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'pydantic_settings')))\n"
