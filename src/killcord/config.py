@@ -22,9 +22,7 @@ from pydantic_settings import (
 from killcord import chord, cmdline, locate
 from killcord.control import MAX_DISARM_S
 from killcord.events import STAGES, Stage
-from killcord.locate import ConfigError
-
-__all__ = ["Config", "ConfigError", "load"]  # ConfigError lives in locate.py, which the clients import
+from killcord.locate import ConfigError  # noqa: F401  (re-exported: it lives where the clients import it)
 
 DEFAULT_DEADLINES_MS: dict[Stage, int] = {
     Stage.KILL: 1000,  # a fork storm takes a few sweeps

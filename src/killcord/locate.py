@@ -3,10 +3,11 @@
 The client commands (panic, status, arm, disarm, recheck) need only the socket. Loading the
 whole configuration (pydantic-settings) for it cost 0.75 s on our build machine, and 5 s in
 an idle guest under QEMU's TCG, before root's `killcord panic` could even be sent; a typo
-in the file also kept it from being sent at all. This module reads the same sources in the same order as config.Config
-(KILLCORD_SOCKET, then the file's `socket`, then the default), and gives up (None) where
-config.load would refuse the value, so that the caller can load the whole configuration
-for its error message. The daemon and `check` still validate everything (config.py).
+in the file also kept it from being sent at all. This module reads the same sources in the
+same order as config.Config (KILLCORD_SOCKET, then the file's `socket`, then the default),
+and gives up (None) where config.load would refuse the value, so that the caller can load
+the whole configuration for its error message. The daemon and `check` still validate
+everything (config.py).
 """
 
 from __future__ import annotations

@@ -36,12 +36,9 @@ CI_MATRIX: dict[str, frozenset[str]] = {
 CI_PARAMS: dict[str, dict[str, object]] = {"k": {"init_on_free": 1}}
 
 
-def in_ci(suite: str, item: pytest.Item) -> bool:
-    scenario = scenario_of(item.name)
-    if scenario not in CI_MATRIX[suite]:
-        return False
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    return all(params.get(k, v) == v for k, v in CI_PARAMS.get(scenario, {}).items())
+def in_ci(suite: str, test_name: str, params: dict[str, object]) -> bool:
+    scenario = scenario_of(test_name)
+    return scenario in CI_MATRIX[suite] and all(params.get(k, v) == v for k, v in CI_PARAMS.get(scenario, {}).items())
 
 
 def suites() -> list[str]:
@@ -67,7 +64,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         spec = getattr(item, "callspec", None)
         suite = spec.params.get("image") if spec else None
-        if suite and not in_ci(suite, item):
+        if suite and not in_ci(suite, item.name, spec.params):
             item.add_marker(pytest.mark.extended)
         # the installed dracut guest (test_dracut.py) is of one suite: it runs when that suite is asked for
         if "installed" in getattr(item, "fixturenames", ()) and INSTALLED_SUITE not in wanted:

@@ -57,15 +57,13 @@ def test_a_process_memory_is_wiped_after_unplug(image: Image) -> None:
     result, pattern = live.Result("a-process"), live.new_pattern()
     with live.boot(image, image.out / "a-process.log") as g:
         status = live.wait_armed(g)
-        staged = assert_staged_for_live_boot(status)
+        initrd = assert_staged_for_live_boot(status)
         fill_and_control(g, result, pattern)
         live.trigger_and_measure(g, result, pattern, live.unplug_stick(g))
     result.notes["medium"] = status["medium"]["device"]
-    result.notes["initrd"] = {k: staged[k] for k in ("initrd", "initrd_kind", "initrd_bytes")}
+    result.notes["initrd"] = initrd
     check_wiped(result, image)
-    t = result.timings_ms
-    assert t["unplug_to_detect"] is not None and t["unplug_to_kexec"] is not None
-    assert t["unplug_to_wiped"] is not None
+    assert_timed_to_the_wipe(result)
 
 
 def test_f_panic_root_fires_unprivileged_is_refused(image: Image) -> None:
@@ -225,11 +223,19 @@ def test_n_the_jump_fails_the_fallback_waits_for_the_killed_then_wipes(image: Im
 
 def assert_staged_for_live_boot(status: dict) -> dict:
     """Armed on the live system: kexec staged with killcord's own wipe target, as the package
-    built it (not the live system's initrd), the medium found through live-boot."""
+    built it (not the live system's initrd), the medium found through live-boot. Returns
+    what was staged as the initrd, for the result's notes."""
     assert status["kexec"]["loaded"] and status["medium"]["source"] == "live-boot"
     staged = status["kexec"]
     assert staged["initrd_kind"] == "wipe-target" and staged["initrd_bytes"] <= 1024 * 1024, staged
-    return staged
+    return {k: staged[k] for k in ("initrd", "initrd_kind", "initrd_bytes")}
+
+
+def assert_timed_to_the_wipe(result: live.Result) -> None:
+    """The console gave the detection, the kexec call and the target's wipe their moments."""
+    t = result.timings_ms
+    assert t["unplug_to_detect"] is not None and t["unplug_to_kexec"] is not None
+    assert t["unplug_to_wiped"] is not None
 
 
 def test_h_other_stick_and_unrelated_events_never_fire(image: Image, tmp_path: Path) -> None:
@@ -240,7 +246,7 @@ def test_h_other_stick_and_unrelated_events_never_fire(image: Image, tmp_path: P
     extra = live.usb_drive(tmp_path / "other.img", "other", "16M", mkfs="mkfs.ext4")
     result, pattern = live.Result("h-no-false-trigger"), live.new_pattern()
     with live.boot(image, image.out / "h-no-false-trigger.log", extra_args=extra) as g:
-        staged = assert_staged_for_live_boot(live.wait_armed(g))
+        initrd = assert_staged_for_live_boot(live.wait_armed(g))
         fill_and_control(g, result, pattern)
         refused = g.run("runuser -u user -- killcord panic", check=False)
         assert refused["rc"] == 13 and "permission denied" in refused["err"], refused
@@ -257,10 +263,9 @@ def test_h_other_stick_and_unrelated_events_never_fire(image: Image, tmp_path: P
         result.notes["refused_rc"] = refused["rc"]
         # and the real stick still fires afterwards
         live.trigger_and_measure(g, result, pattern, live.unplug_stick(g))
-    result.notes["initrd"] = {k: staged[k] for k in ("initrd", "initrd_kind", "initrd_bytes")}
+    result.notes["initrd"] = initrd
     check_wiped(result, image)
-    t = result.timings_ms
-    assert t["unplug_to_detect"] is not None and t["unplug_to_kexec"] is not None and t["unplug_to_wiped"] is not None
+    assert_timed_to_the_wipe(result)
 
 
 def test_anti_without_killcord_a_reset_keeps_the_pattern(image: Image) -> None:
